@@ -1,0 +1,9 @@
+"""Layer 3: thin Lightning callbacks. The only layer that imports ``lightning``.
+
+Example:
+    >>> import lightning_privacy.callbacks as cb
+    >>> isinstance(cb.__all__, list)
+    True
+"""
+
+__all__: list[str] = []

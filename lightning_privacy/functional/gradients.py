@@ -1,0 +1,95 @@
+"""Gradients of a loss w.r.t. parameters, computed without touching the model's state.
+
+The attacker's (and the I2F estimator's) view: ``torch.func.functional_call`` on detached copies
+of the parameters, so no ``.grad`` is written, no DDP reducer hook fires and the optimizer never
+sees anything.
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Linear(4, 3)
+    >>> grads = parameter_gradients(
+    ...     model, torch.randn(2, 4), torch.tensor([0, 2]),
+    ...     loss_fn=torch.nn.functional.cross_entropy)
+    >>> sorted(grads), grads["weight"].shape
+    (['bias', 'weight'], torch.Size([3, 4]))
+    >>> model.weight.grad is None
+    True
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def select_parameters(
+    model: nn.Module, layers: str | Sequence[str] | None = None
+) -> dict[str, nn.Parameter]:
+    """Trainable parameters of ``model`` whose names match ``layers``.
+
+    Args:
+        model: The module.
+        layers: ``None`` for all trainable parameters; a regex (``re.search``) or a list of
+            regexes, any of which may match.
+
+    Returns:
+        ``{name: parameter}`` in ``named_parameters`` order.
+
+    Raises:
+        ValueError: If a pattern matches no trainable parameter.
+
+    Example:
+        >>> sorted(select_parameters(torch.nn.Linear(2, 2), "bias"))
+        ['bias']
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if layers is None:
+        return params
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+    for pattern in patterns:
+        if not any(re.search(pattern, name) for name in params):
+            raise ValueError(
+                f"Expected each `layers` pattern to match at least one trainable parameter, but "
+                f"{pattern!r} matched none. Parameter names look like: {list(params)[:5]}."
+            )
+    return {n: p for n, p in params.items() if any(re.search(pt, n) for pt in patterns)}
+
+
+def parameter_gradients(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor] | None = None,
+    create_graph: bool = False,
+) -> dict[str, Tensor]:
+    """Gradient of ``loss_fn(model(inputs), targets)`` w.r.t. ``params`` via ``functional_call``.
+
+    Args:
+        model: The module (its parameters and buffers are read, never written; BatchNorm
+            running statistics are updated on clones). Dropout draws from the global RNG: wrap
+            the call in ``torch.random.fork_rng`` to leave the training stream untouched.
+        inputs: A batch of inputs.
+        targets: Labels (or any second argument of ``loss_fn``).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``.
+        params: Parameters to differentiate (default: all trainable ones). Others are held fixed.
+        create_graph: Keep the graph (for double backpropagation through the gradient).
+
+    Returns:
+        ``{name: gradient}`` for the selected parameters.
+    """
+    chosen = select_parameters(model) if params is None else params
+    leaves = {n: p.detach().requires_grad_(True) for n, p in chosen.items()}
+    # Buffers are cloned so that BatchNorm in train mode updates copies, never the model's stats.
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    with torch.enable_grad():
+        outputs = torch.func.functional_call(model, {**buffers, **leaves}, (inputs,))
+        loss = loss_fn(outputs, targets)
+        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=create_graph)
+    return dict(zip(leaves, grads, strict=True))
