@@ -6,4 +6,8 @@ Example:
     True
 """
 
-__all__: list[str] = []
+from lightning_privacy.callbacks.gradient_defense import GradientDefense
+
+__all__: list[str] = [
+    "GradientDefense",
+]

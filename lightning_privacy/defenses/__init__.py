@@ -1,11 +1,36 @@
 """Gradient defenses: configured transforms selectable by name.
 
 Example:
-    >>> from lightning_privacy.defenses import GradientTransform
+    >>> from lightning_privacy.defenses import GradientTransform, create_defense
     >>> GradientTransform.provides_formal_dp
     False
+    >>> create_defense("magnitude_pruning", ratio=0.9)
+    MagnitudePruning(ratio=0.9, scope='per_tensor')
 """
 
 from lightning_privacy.defenses.base import GradientTransform, apply_transforms
+from lightning_privacy.defenses.transforms import (
+    DEFENSES,
+    GaussianNoise,
+    GradientClipping,
+    LaplaceNoise,
+    LowRankFiltering,
+    MagnitudePruning,
+    RandomPruning,
+    create_defense,
+    list_defenses,
+)
 
-__all__ = ["GradientTransform", "apply_transforms"]
+__all__ = [
+    "DEFENSES",
+    "GaussianNoise",
+    "GradientClipping",
+    "GradientTransform",
+    "LaplaceNoise",
+    "LowRankFiltering",
+    "MagnitudePruning",
+    "RandomPruning",
+    "apply_transforms",
+    "create_defense",
+    "list_defenses",
+]

@@ -8,6 +8,25 @@ Example:
     True
 """
 
+from lightning_privacy.functional.defenses import (
+    clip_by_global_norm,
+    gaussian_noise,
+    global_norm,
+    laplace_noise,
+    low_rank,
+    magnitude_pruning,
+    random_pruning,
+)
 from lightning_privacy.functional.gradients import parameter_gradients, select_parameters
 
-__all__ = ["parameter_gradients", "select_parameters"]
+__all__ = [
+    "clip_by_global_norm",
+    "gaussian_noise",
+    "global_norm",
+    "laplace_noise",
+    "low_rank",
+    "magnitude_pruning",
+    "parameter_gradients",
+    "random_pruning",
+    "select_parameters",
+]

@@ -1,0 +1,300 @@
+"""Gradient defenses as pure functions on a sequence of tensors.
+
+Every function takes a sequence of gradient tensors (one per parameter) and returns a new list of
+tensors with the same shapes, dtypes and devices. Inputs are never modified. Randomness comes only
+from the ``generator`` argument; with ``generator=None`` PyTorch's default generator is used, so
+pass one whenever the training stream must stay untouched or results must be reproducible.
+
+Which tensors a function looks at together:
+
+* per entry: :func:`gaussian_noise`, :func:`laplace_noise`, :func:`random_pruning`;
+* per tensor: :func:`low_rank`, :func:`magnitude_pruning` with ``scope="per_tensor"``;
+* all tensors at once (a *global view*): :func:`clip_by_global_norm`, :func:`magnitude_pruning`
+  with ``scope="global"``.
+
+None of these is differentially private on its own; clipping followed by calibrated Gaussian
+noise is the Gaussian mechanism (see :mod:`lightning_privacy.accountants`).
+
+Example:
+    >>> import torch
+    >>> grads = [torch.tensor([3.0, -4.0]), torch.tensor([[0.5, 0.0], [0.0, -0.1]])]
+    >>> clip_by_global_norm(grads, max_norm=1.0)[0]
+    tensor([ 0.5969, -0.7959])
+    >>> magnitude_pruning(grads, ratio=0.5, scope="global")[1]
+    tensor([[0.5000, 0.0000],
+            [0.0000, 0.0000]])
+    >>> g = torch.Generator().manual_seed(0)
+    >>> gaussian_noise(grads, std=0.1, generator=g)[0].shape
+    torch.Size([2])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Generator, Tensor
+
+from lightning_privacy._validation import check_choice, check_float, check_int, describe
+
+__all__ = [
+    "clip_by_global_norm",
+    "gaussian_noise",
+    "global_norm",
+    "laplace_noise",
+    "low_rank",
+    "magnitude_pruning",
+    "random_pruning",
+]
+
+PRUNING_SCOPES = ("per_tensor", "global")
+
+
+def _as_list(grads: Sequence[Tensor]) -> list[Tensor]:
+    if isinstance(grads, Tensor) or not isinstance(grads, Sequence):
+        raise TypeError(
+            "Expected `grads` to be a sequence of tensors (one per parameter), "
+            f"but got {type(grads).__name__}. Wrap a single tensor in a list."
+        )
+    out = list(grads)
+    for i, g in enumerate(out):
+        if not isinstance(g, Tensor):
+            raise TypeError(f"Expected `grads[{i}]` to be a Tensor, but got {describe(g)}.")
+    return out
+
+
+def global_norm(grads: Sequence[Tensor]) -> Tensor:
+    """L2 norm of all tensors taken together, in float32 (or float64 for float64 input).
+
+    Example:
+        >>> import torch
+        >>> global_norm([torch.tensor([3.0]), torch.tensor([4.0])])
+        tensor(5.)
+    """
+    tensors = _as_list(grads)
+    if not tensors:
+        return torch.tensor(0.0)
+    dtype = torch.float64 if any(g.dtype == torch.float64 for g in tensors) else torch.float32
+    device = tensors[0].device
+    norms = [torch.linalg.vector_norm(g, dtype=dtype).to(device) for g in tensors]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def gaussian_noise(
+    grads: Sequence[Tensor], *, std: float, generator: Generator | None = None
+) -> list[Tensor]:
+    """Add i.i.d. ``N(0, std^2)`` noise to every entry.
+
+    Args:
+        grads: Gradients, one tensor per parameter.
+        std: Standard deviation of the noise (>= 0). ``std=0`` returns exact copies and draws
+            nothing from ``generator``.
+        generator: Source of randomness (on the gradients' device).
+
+    Returns:
+        Noisy copies of ``grads``.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> out = gaussian_noise([torch.zeros(10_000)], std=2.0, generator=g)
+        >>> round(out[0].std().item(), 1)
+        2.0
+    """
+    std = check_float("std", std, low=0.0)
+    tensors = _as_list(grads)
+    if std == 0.0:
+        return [g.clone() for g in tensors]
+    return [
+        g + std * torch.randn(g.shape, generator=generator, dtype=g.dtype, device=g.device)
+        for g in tensors
+    ]
+
+
+def laplace_noise(
+    grads: Sequence[Tensor], *, scale: float, generator: Generator | None = None
+) -> list[Tensor]:
+    """Add i.i.d. Laplace noise with scale ``b`` (density ``exp(-|x|/b) / 2b``) to every entry.
+
+    Sampled as ``b * (E1 - E2)`` with ``E1, E2`` independent standard exponentials, so the
+    variance is ``2 b^2``.
+
+    Args:
+        grads: Gradients, one tensor per parameter.
+        scale: The Laplace scale ``b`` (>= 0). ``scale=0`` returns exact copies.
+        generator: Source of randomness.
+
+    Returns:
+        Noisy copies of ``grads``.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> out = laplace_noise([torch.zeros(20_000)], scale=1.0, generator=g)
+        >>> round(out[0].var().item(), 0)
+        2.0
+    """
+    scale = check_float("scale", scale, low=0.0)
+    tensors = _as_list(grads)
+    if scale == 0.0:
+        return [g.clone() for g in tensors]
+    out = []
+    for g in tensors:
+        e = torch.empty((2, *g.shape), dtype=g.dtype, device=g.device).exponential_(
+            generator=generator
+        )
+        out.append(g + scale * (e[0] - e[1]))
+    return out
+
+
+def clip_by_global_norm(grads: Sequence[Tensor], *, max_norm: float) -> list[Tensor]:
+    """Scale all gradients by ``min(1, max_norm / (norm + 1e-6))``, ``norm`` their joint L2 norm.
+
+    The same factor multiplies every tensor, so the direction is kept and the joint norm of the
+    result is at most ``max_norm`` (as ``torch.nn.utils.clip_grad_norm_``).
+
+    Args:
+        grads: Gradients, one tensor per parameter.
+        max_norm: The clipping threshold ``C`` (> 0).
+
+    Returns:
+        Clipped copies of ``grads``.
+
+    Example:
+        >>> import torch
+        >>> out = clip_by_global_norm([torch.tensor([30.0]), torch.tensor([40.0])], max_norm=5.0)
+        >>> [round(t.item(), 3) for t in out]
+        [3.0, 4.0]
+    """
+    max_norm = check_float("max_norm", max_norm, low=0.0, low_open=True)
+    tensors = _as_list(grads)
+    if not tensors:
+        return []
+    factor = (max_norm / (global_norm(tensors) + 1e-6)).clamp(max=1.0)
+    return [g * factor.to(device=g.device, dtype=g.dtype) for g in tensors]
+
+
+def _num_pruned(numel: int, ratio: float) -> int:
+    return min(numel, math.floor(ratio * numel))
+
+
+def magnitude_pruning(
+    grads: Sequence[Tensor], *, ratio: float, scope: str = "per_tensor"
+) -> list[Tensor]:
+    """Zero the smallest-magnitude entries, keeping the largest ``1 - ratio`` fraction.
+
+    ``floor(ratio * n)`` entries are zeroed (ties broken by ``torch.topk``), where ``n`` is the
+    size of each tensor (``scope="per_tensor"``) or of all tensors together (``scope="global"``,
+    top-k over the whole gradient: tensors with small entries may be zeroed entirely).
+
+    Args:
+        grads: Gradients, one tensor per parameter.
+        ratio: Fraction of entries to zero, in ``[0, 1)``.
+        scope: ``"per_tensor"`` or ``"global"``.
+
+    Returns:
+        Pruned copies of ``grads``.
+
+    Example:
+        >>> import torch
+        >>> magnitude_pruning([torch.tensor([0.1, -3.0, 2.0, 0.5])], ratio=0.5)
+        [tensor([ 0., -3.,  2.,  0.])]
+    """
+    ratio = check_float("ratio", ratio, low=0.0, high=1.0, high_open=True)
+    check_choice("scope", scope, PRUNING_SCOPES)
+    tensors = _as_list(grads)
+    if ratio == 0.0 or not tensors:
+        return [g.clone() for g in tensors]
+    if scope == "per_tensor":
+        out = []
+        for g in tensors:
+            flat = g.reshape(-1)
+            keep = flat.numel() - _num_pruned(flat.numel(), ratio)
+            idx = torch.topk(flat.abs(), keep, sorted=False).indices
+            pruned = torch.zeros_like(flat)
+            pruned[idx] = flat[idx]
+            out.append(pruned.view_as(g))
+        return out
+    device = tensors[0].device
+    magnitudes = torch.cat([g.detach().reshape(-1).abs().float().to(device) for g in tensors])
+    keep = magnitudes.numel() - _num_pruned(magnitudes.numel(), ratio)
+    mask = torch.zeros(magnitudes.numel(), dtype=torch.bool, device=device)
+    mask[torch.topk(magnitudes, keep, sorted=False).indices] = True
+    out, start = [], 0
+    for g in tensors:
+        part = mask[start : start + g.numel()].view(g.shape).to(g.device)
+        out.append(g.masked_fill(~part, 0))
+        start += g.numel()
+    return out
+
+
+def random_pruning(
+    grads: Sequence[Tensor], *, ratio: float, generator: Generator | None = None
+) -> list[Tensor]:
+    """Zero each entry independently with probability ``ratio`` (a random mask, no rescaling).
+
+    Args:
+        grads: Gradients, one tensor per parameter.
+        ratio: Probability of zeroing an entry, in ``[0, 1)``. ``ratio=0`` returns exact copies
+            and draws nothing from ``generator``.
+        generator: Source of randomness.
+
+    Returns:
+        Pruned copies of ``grads``.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> out = random_pruning([torch.ones(10_000)], ratio=0.3, generator=g)
+        >>> round((out[0] == 0).float().mean().item(), 2)
+        0.3
+    """
+    ratio = check_float("ratio", ratio, low=0.0, high=1.0, high_open=True)
+    tensors = _as_list(grads)
+    if ratio == 0.0:
+        return [g.clone() for g in tensors]
+    out = []
+    for g in tensors:
+        u = torch.rand(g.shape, generator=generator, device=g.device)
+        out.append(g.masked_fill(u < ratio, 0))
+    return out
+
+
+def low_rank(grads: Sequence[Tensor], *, rank: int) -> list[Tensor]:
+    """Best rank-``rank`` approximation (truncated SVD) of each gradient of dimension >= 2.
+
+    A gradient of shape ``(d0, d1, ...)`` is reshaped to the matrix ``(d0, d1 * ...)`` (for a
+    convolution: output channels x everything else), its SVD is truncated to the ``rank``
+    largest singular values and the result is reshaped back. Matrices whose smaller side is at
+    most ``rank`` are returned unchanged. **1-D gradients (biases, norm scales) are returned
+    unchanged**: a vector is already rank 1, so this defense does not filter them -- combine it
+    with noise or pruning, or restrict it with ``layers=`` if biases matter for your threat model.
+
+    Args:
+        grads: Gradients, one tensor per parameter.
+        rank: Number of singular values kept (>= 1).
+
+    Returns:
+        Filtered copies of ``grads``.
+
+    Example:
+        >>> import torch
+        >>> m = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+        >>> low_rank([m, torch.ones(2)], rank=1)
+        [tensor([[3., 0.],
+                [0., 0.]]), tensor([1., 1.])]
+    """
+    rank = check_int("rank", rank, low=1)
+    tensors = _as_list(grads)
+    out = []
+    for g in tensors:
+        if g.dim() < 2 or min(g.shape[0], g[0].numel()) <= rank:
+            out.append(g.clone())
+            continue
+        matrix = g.reshape(g.shape[0], -1)
+        compute = matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()
+        u, s, vh = torch.linalg.svd(compute, full_matrices=False)
+        approx = (u[:, :rank] * s[:rank]) @ vh[:rank]
+        out.append(approx.to(g.dtype).reshape(g.shape))
+    return out

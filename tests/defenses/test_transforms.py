@@ -1,0 +1,106 @@
+import dataclasses
+
+import pytest
+import torch
+
+from lightning_privacy.defenses import (
+    GaussianNoise,
+    GradientClipping,
+    GradientTransform,
+    LaplaceNoise,
+    LowRankFiltering,
+    MagnitudePruning,
+    RandomPruning,
+    apply_transforms,
+    create_defense,
+    list_defenses,
+)
+from lightning_privacy.functional import (
+    clip_by_global_norm,
+    gaussian_noise,
+    low_rank,
+    magnitude_pruning,
+)
+
+NAMES = {
+    "gaussian_noise": (GaussianNoise, {"std": 0.1}),
+    "laplace_noise": (LaplaceNoise, {"scale": 0.1}),
+    "gradient_clipping": (GradientClipping, {"max_norm": 1.0}),
+    "magnitude_pruning": (MagnitudePruning, {"ratio": 0.5}),
+    "random_pruning": (RandomPruning, {"ratio": 0.5}),
+    "low_rank": (LowRankFiltering, {"rank": 1}),
+}
+
+
+def test_registry_names_and_classes():
+    assert list_defenses() == sorted(NAMES)
+    for name, (cls, kwargs) in NAMES.items():
+        obj = create_defense(name, **kwargs)
+        assert type(obj) is cls and isinstance(obj, GradientTransform)
+        assert obj.provides_formal_dp is False
+
+
+def test_unknown_name_suggests():
+    with pytest.raises(ValueError, match="Did you mean 'magnitude_pruning'"):
+        create_defense("magnitude_prunning", ratio=0.5)
+
+
+def test_frozen_and_keyword_only():
+    noise = GaussianNoise(std=0.1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        noise.std = 0.2  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        GaussianNoise(0.1)  # type: ignore[misc]
+    assert GaussianNoise(std=1) == GaussianNoise(std=1.0)
+    assert isinstance(GaussianNoise(std=1).std, float)
+
+
+def test_global_view_flags():
+    assert GradientClipping(max_norm=1.0).needs_global_view
+    assert MagnitudePruning(ratio=0.5, scope="global").needs_global_view
+    assert not MagnitudePruning(ratio=0.5).needs_global_view
+    for t in (GaussianNoise(std=1.0), LaplaceNoise(scale=1.0), RandomPruning(ratio=0.1)):
+        assert not t.needs_global_view
+    assert not LowRankFiltering(rank=2).needs_global_view
+
+
+def test_components_match_functions():
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(6, 5, generator=g), torch.randn(5, generator=g)]
+    pipe = [
+        GradientClipping(max_norm=0.5),
+        MagnitudePruning(ratio=0.5, scope="global"),
+        LowRankFiltering(rank=2),
+        GaussianNoise(std=0.01),
+    ]
+    out = apply_transforms(pipe, grads, generator=torch.Generator().manual_seed(3))
+    ref = clip_by_global_norm(grads, max_norm=0.5)
+    ref = magnitude_pruning(ref, ratio=0.5, scope="global")
+    ref = low_rank(ref, rank=2)
+    ref = gaussian_noise(ref, std=0.01, generator=torch.Generator().manual_seed(3))
+    for o, r in zip(out, ref, strict=True):
+        assert torch.equal(o, r)
+
+
+@pytest.mark.parametrize(
+    ("build", "exc", "match"),
+    [
+        (
+            lambda: GaussianNoise(std=-1),
+            ValueError,
+            r"Expected `std` to be a finite float >= 0.0, but got -1 \(int\)",
+        ),
+        (lambda: GaussianNoise(std=float("nan")), ValueError, "`std`"),
+        (lambda: GaussianNoise(std=None), TypeError, "`std`"),
+        (lambda: LaplaceNoise(scale=float("inf")), ValueError, "`scale`"),
+        (lambda: GradientClipping(max_norm=0), ValueError, "`max_norm`"),
+        (lambda: MagnitudePruning(ratio=1.0), ValueError, "`ratio`"),
+        (lambda: MagnitudePruning(ratio=0.5, scope="all"), ValueError, "`scope`"),
+        (lambda: RandomPruning(ratio=-0.01), ValueError, "`ratio`"),
+        (lambda: LowRankFiltering(rank=0), ValueError, "`rank`"),
+        (lambda: LowRankFiltering(rank=2.0), TypeError, "`rank`"),
+    ],
+)
+def test_bad_settings(build, exc, match):
+    with pytest.raises(exc, match=match):
+        build()
