@@ -155,7 +155,9 @@ class GradientDefense(Callback):
         self.target_delta = (
             None
             if target_delta is None
-            else check_float("target_delta", target_delta, low=0.0, high=1.0, low_open=True)
+            else check_float(
+                "target_delta", target_delta, low=0.0, high=1.0, low_open=True, high_open=True
+            )
         )
         self.formal = self._formal_pipeline()
         if self.max_epsilon is not None and self.formal is None:
@@ -380,6 +382,66 @@ class GradientDefense(Callback):
         assert work is not None  # async_op=True always returns a Work
         return work.get_future().then(lambda f: f.value()[0])
 
+    # ------------------------------------------------------------------ privacy accounting
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Build the batch-clipping accountant for the formal pipeline (needs the data size)."""
+        if self.formal is None:
+            return
+        from lightning_privacy.accountants import BatchClippingAccountant
+
+        max_norm, std = self.formal
+        self._accountant = BatchClippingAccountant(max_grad_norm=max_norm, std=std)
+        if self._accountant_state is not None:
+            self._accountant.load_state_dict(self._accountant_state)
+            self._accountant_state = None
+        delta = self.target_delta
+        if delta is None:
+            size = _dataset_size(trainer)
+            if size is None:
+                raise ValueError(
+                    "GradientDefense could not find the training-set size N for the default "
+                    "`target_delta = 1 / (10 N)`: pass `target_delta=` explicitly."
+                )
+            delta = 1.0 / (10 * size)
+        self._delta = delta
+        if self.max_epsilon is not None and self._projected_epsilon() > self.max_epsilon:
+            raise ValueError(
+                f"Expected `max_epsilon` to allow at least one more epoch, but one epoch of "
+                f"GradientClipping(max_norm={max_norm}) + GaussianNoise(std={std}) already spends "
+                f"epsilon={self._projected_epsilon():.4g} > {self.max_epsilon} at "
+                f"delta={delta:.3g}. Increase the noise std or `max_epsilon`."
+            )
+
+    def _projected_epsilon(self) -> float:
+        """Epsilon after one more epoch."""
+        assert self._accountant is not None and self._delta is not None
+        ahead = type(self._accountant)(
+            max_grad_norm=self._accountant.max_grad_norm, std=self._accountant.std
+        )
+        ahead.load_state_dict(self._accountant.state_dict())
+        ahead.step(epochs=1)
+        return float(ahead.get_epsilon(self._delta))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Account one epoch, log ``privacy/epsilon`` and ``privacy/delta``, stop at the budget."""
+        if self._accountant is None or self._delta is None:
+            return
+        self._accountant.step(epochs=1)
+        epsilon = float(self._accountant.get_epsilon(self._delta))
+        pl_module.log("privacy/epsilon", epsilon, on_step=False, on_epoch=True, sync_dist=True)
+        pl_module.log("privacy/delta", self._delta, on_step=False, on_epoch=True, sync_dist=True)
+        if self.max_epsilon is None:
+            return
+        projected = self._projected_epsilon()
+        stop = trainer.strategy.reduce_boolean_decision(projected > self.max_epsilon, all=False)
+        if stop and not trainer.should_stop:
+            trainer.should_stop = True
+            rank_zero_info(
+                f"GradientDefense: stopping after epoch {trainer.current_epoch}: epsilon is "
+                f"{epsilon:.4g} and one more epoch would reach {projected:.4g} > max_epsilon="
+                f"{self.max_epsilon} (delta={self._delta:.3g})."
+            )
+
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         """The seed of the random streams (streams are keyed by seed, rank and step)."""
@@ -393,6 +455,16 @@ class GradientDefense(Callback):
         if state_dict.get("seed") is not None:
             self._base_seed = int(state_dict["seed"])
         self._accountant_state = state_dict.get("accountant")
+
+
+def _dataset_size(trainer: L.Trainer) -> int | None:
+    loader = trainer.train_dataloader
+    if isinstance(loader, (list, tuple)) and len(loader) == 1:
+        loader = loader[0]
+    try:
+        return len(loader.dataset)  # type: ignore[union-attr, arg-type]
+    except (AttributeError, TypeError):
+        return None
 
 
 def _completer(

@@ -1,0 +1,380 @@
+"""Single-process GradientDefense: real Trainer runs on a tiny model."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import MixedPrecision
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_privacy.callbacks import GradientDefense
+from lightning_privacy.callbacks.gradient_defense import derive_seed
+from lightning_privacy.defenses import (
+    GaussianNoise,
+    GradientClipping,
+    GradientTransform,
+    LaplaceNoise,
+    LowRankFiltering,
+    MagnitudePruning,
+    RandomPruning,
+    apply_transforms,
+)
+from lightning_privacy.functional import global_norm, parameter_gradients
+
+
+class Tiny(L.LightningModule):
+    def __init__(self, lr: float = 1.0, manual: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 3))
+        self.lr = lr
+        self.automatic_optimization = not manual
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        if not self.automatic_optimization:
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def loader(n=32, batch_size=8):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 12, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+class Recorder(L.Callback):
+    """Records grads seen in on_before_optimizer_step and params around each step."""
+
+    def __init__(self):
+        self.grads, self.before, self.after = [], [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters()})
+        self.before.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if len(self.after) < len(self.before):
+            self.after.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+
+def fit(kw, callbacks, module=None, **trainer_kw):
+    module = module or Tiny()
+    args = {**kw, "max_steps": 1, **trainer_kw}
+    trainer = L.Trainer(callbacks=callbacks, **args)
+    trainer.fit(module, loader())
+    return trainer, module
+
+
+def params(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def test_std_zero_is_bitwise_identical(fast_trainer_kwargs):
+    _, plain = fit(fast_trainer_kwargs, [], max_steps=4)
+    _, zero = fit(fast_trainer_kwargs, [GradientDefense(GaussianNoise(std=0.0))], max_steps=4)
+    for (n, a), b in zip(params(plain).items(), params(zero).values(), strict=True):
+        assert torch.equal(a, b), n
+    _, noisy = fit(fast_trainer_kwargs, [GradientDefense(GaussianNoise(std=0.1))], max_steps=4)
+    assert not torch.equal(params(plain)["net.0.weight"], params(noisy)["net.0.weight"])
+
+
+PIPELINES = [
+    [GaussianNoise(std=0.05)],
+    [LaplaceNoise(scale=0.05)],
+    [GradientClipping(max_norm=0.1)],
+    [MagnitudePruning(ratio=0.7)],
+    [MagnitudePruning(ratio=0.7, scope="global")],
+    [RandomPruning(ratio=0.5)],
+    [LowRankFiltering(rank=1)],
+    [GradientClipping(max_norm=0.1), GaussianNoise(std=0.01)],
+]
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: "+".join(type(t).__name__ for t in p))
+def test_sgd_update_is_minus_defended_gradient(fast_trainer_kwargs, pipeline):
+    pre, post = Recorder(), Recorder()
+    defense = GradientDefense(pipeline, seed=7)
+    fit(fast_trainer_kwargs, [pre, defense, post])
+    names = list(pre.grads[0])
+    original = [pre.grads[0][n] for n in names]
+    gen = torch.Generator().manual_seed(derive_seed(7, 0, 0))
+    expected = apply_transforms(pipeline, original, generator=gen)
+    for n, e in zip(names, expected, strict=True):
+        defended = post.grads[0][n]
+        assert torch.equal(defended, e), n  # exactly the pipeline on the original gradient
+        update = post.after[0][n] - post.before[0][n]
+        torch.testing.assert_close(update, -defended, rtol=0, atol=1e-6)
+        assert torch.equal(update == 0, defended == 0), n  # zeros of the update = pruned entries
+    if isinstance(pipeline[0], MagnitudePruning) and pipeline[0].scope == "per_tensor":
+        for n in names:
+            update = post.after[0][n] - post.before[0][n]
+            assert (update == 0).sum().item() == math.floor(0.7 * update.numel()), n
+    if pipeline == [GradientClipping(max_norm=0.1)]:
+        assert global_norm(original).item() > 0.1
+        assert global_norm([post.grads[0][n] for n in names]).item() <= 0.1 + 1e-6
+
+
+def test_logged_statistics(fast_trainer_kwargs):
+    pre, post = Recorder(), Recorder()
+    trainer, _ = fit(fast_trainer_kwargs, [pre, GradientDefense(MagnitudePruning(ratio=0.5)), post])
+    names = list(pre.grads[0])
+    original = [pre.grads[0][n] for n in names]
+    defended = [post.grads[0][n] for n in names]
+    metrics = trainer.callback_metrics
+    assert metrics["defense/grad_norm"].item() == pytest.approx(global_norm(original).item())
+    delta = [d - o for d, o in zip(defended, original, strict=True)]
+    assert metrics["defense/perturbation_norm"].item() == pytest.approx(global_norm(delta).item())
+    total = sum(d.numel() for d in defended)
+    zeros = sum((d == 0).sum().item() for d in defended)
+    assert metrics["defense/sparsity"].item() == pytest.approx(zeros / total)
+    assert 0.45 < zeros / total < 0.55
+    trainer, _ = fit(fast_trainer_kwargs, [GradientDefense(GaussianNoise(std=0.1))])
+    assert "defense/sparsity" not in trainer.callback_metrics
+    assert trainer.callback_metrics["defense/perturbation_norm"] > 0
+
+
+class CountingTransform(GradientTransform):
+    """Counts calls and keeps what it was given."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, gradients, *, generator=None):
+        self.seen.append([g.clone() for g in gradients])
+        return list(gradients)
+
+
+def test_accumulation_defends_once_per_step(fast_trainer_kwargs):
+    counter = CountingTransform()
+    module = Tiny()
+    init = params(module)
+    fit(
+        fast_trainer_kwargs,
+        [GradientDefense(counter)],
+        module=module,
+        max_steps=2,
+        accumulate_grad_batches=2,
+    )
+    assert len(counter.seen) == 2  # 4 micro-batches, 2 optimizer steps
+    # the first call sees the accumulated (mean over the 2 micro-batches) gradient
+    fresh = Tiny()
+    fresh.load_state_dict({k: v for k, v in init.items()})
+    batches = list(loader())
+    grads = [parameter_gradients(fresh, x, y, loss_fn=F.cross_entropy) for x, y in batches[:2]]
+    for i, name in enumerate(init):
+        expected = (grads[0][name] + grads[1][name]) / 2
+        torch.testing.assert_close(counter.seen[0][i], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-scaler"])
+def test_mixed_precision(fast_trainer_kwargs, precision):
+    kw = dict(fast_trainer_kwargs)
+    if precision == "fp16-scaler":
+        # On CPU Lightning turns "16-mixed" into bf16; force a real GradScaler as research note E2.
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        kw["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=scaler)]
+    else:
+        kw["precision"] = precision
+    kw.pop("deterministic")
+    pre, post = Recorder(), Recorder()
+    clip = 0.05
+    defense = GradientDefense([GradientClipping(max_norm=clip), GaussianNoise(std=0.0)])
+    trainer, _ = fit(kw, [pre, defense, post], max_steps=2)
+    names = list(pre.grads[0])
+    for step in range(2):
+        original = [pre.grads[step][n] for n in names]
+        defended = [post.grads[step][n] for n in names]
+        # gradients are unscaled here: true norm well above the clip, defended norm == clip
+        assert 0.2 < global_norm(original).item() < 50
+        assert global_norm(defended).item() == pytest.approx(clip, rel=1e-4)
+        for n, d in zip(names, defended, strict=True):
+            update = post.after[step][n] - post.before[step][n]
+            torch.testing.assert_close(update, -d, rtol=0, atol=1e-6)
+    assert trainer.callback_metrics["defense/grad_norm"].item() > clip
+
+
+def test_layers_restricts_defense(fast_trainer_kwargs):
+    _, plain = fit(fast_trainer_kwargs, [])
+    defense = GradientDefense(GaussianNoise(std=0.5), layers=r"^net\.2\.")
+    _, defended = fit(fast_trainer_kwargs, [defense])
+    a, b = params(plain), params(defended)
+    assert torch.equal(a["net.0.weight"], b["net.0.weight"])
+    assert torch.equal(a["net.0.bias"], b["net.0.bias"])
+    assert not torch.equal(a["net.2.weight"], b["net.2.weight"])
+    assert not torch.equal(a["net.2.bias"], b["net.2.bias"])
+    _, listed = fit(
+        fast_trainer_kwargs,
+        [GradientDefense(GaussianNoise(std=0.5), layers=["net.0.bias", "net.2.bias"])],
+    )
+    c = params(listed)
+    assert torch.equal(a["net.0.weight"], c["net.0.weight"])
+    assert not torch.equal(a["net.0.bias"], c["net.0.bias"])
+
+
+def test_manual_optimization_supported(fast_trainer_kwargs):
+    pre, post = Recorder(), Recorder()
+    fit(
+        fast_trainer_kwargs,
+        [pre, GradientDefense(MagnitudePruning(ratio=0.5)), post],
+        module=Tiny(manual=True),
+    )
+    for n, g in pre.grads[0].items():
+        d = post.grads[0][n]
+        assert (d == 0).sum().item() == math.floor(0.5 * d.numel())
+        assert not torch.equal(g, d)
+        torch.testing.assert_close(post.after[0][n] - post.before[0][n], -d, rtol=0, atol=1e-6)
+
+
+def test_resume_continues_the_random_stream(fast_trainer_kwargs, tmp_path):
+    kw = {**fast_trainer_kwargs, "limit_train_batches": 2}
+    first = GradientDefense(GaussianNoise(std=0.1))  # seed drawn at setup, stored in checkpoint
+    trainer, _ = fit(kw, [first], max_steps=-1, max_epochs=2)
+    ckpt = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(ckpt)
+    seed = first.state_dict()["seed"]
+    resumed_trainer = L.Trainer(
+        callbacks=[GradientDefense(GaussianNoise(std=0.1))], max_epochs=4, **kw
+    )
+    resumed = Tiny()
+    resumed_trainer.fit(resumed, loader(), ckpt_path=ckpt)
+    _, straight = fit(
+        kw, [GradientDefense(GaussianNoise(std=0.1), seed=seed)], max_steps=-1, max_epochs=4
+    )
+    _, other = fit(
+        kw, [GradientDefense(GaussianNoise(std=0.1), seed=seed + 1)], max_steps=-1, max_epochs=4
+    )
+    for n, p in params(straight).items():
+        assert torch.equal(p, params(resumed)[n]), n
+    assert not torch.equal(params(straight)["net.0.weight"], params(other)["net.0.weight"])
+
+
+def test_gradient_clip_val_warns(fast_trainer_kwargs):
+    with pytest.warns(UserWarning, match="gradient_clip_val"):
+        fit(fast_trainer_kwargs, [GradientDefense(GaussianNoise(std=0.1))], gradient_clip_val=1.0)
+
+
+def test_formal_pipeline_logs_epsilon_and_stops(fast_trainer_kwargs):
+    from lightning_privacy.accountants import BatchClippingAccountant
+
+    kw = {**fast_trainer_kwargs, "limit_train_batches": 2}
+    pipeline = [GradientClipping(max_norm=1.0), GaussianNoise(std=4.0)]
+    defense = GradientDefense(pipeline, seed=0)
+    trainer, _ = fit(kw, [defense], max_steps=-1, max_epochs=3)
+    ref = BatchClippingAccountant(max_grad_norm=1.0, std=4.0)
+    ref.step(epochs=3)
+    delta = 1 / (10 * 32)
+    assert trainer.callback_metrics["privacy/delta"].item() == pytest.approx(delta)
+    assert trainer.callback_metrics["privacy/epsilon"].item() == pytest.approx(
+        ref.get_epsilon(delta), rel=1e-6
+    )
+    # the budget allows exactly 2 epochs: training stops after epoch 2 without exceeding it
+    two = BatchClippingAccountant(max_grad_norm=1.0, std=4.0)
+    two.step(epochs=2)
+    budget = (two.get_epsilon(1e-3) + ref.get_epsilon(1e-3)) / 2
+    capped = GradientDefense(pipeline, seed=0, max_epsilon=budget, target_delta=1e-3)
+    trainer, _ = fit(kw, [capped], max_steps=-1, max_epochs=10)
+    assert trainer.current_epoch == 2
+    assert trainer.callback_metrics["privacy/epsilon"].item() == pytest.approx(
+        two.get_epsilon(1e-3), rel=1e-6
+    )
+    # the accountant history is in the checkpoint state
+    assert capped.state_dict()["accountant"]["accountant"]
+
+
+def test_informal_pipeline_logs_no_epsilon(fast_trainer_kwargs, caplog):
+    trainer, _ = fit(fast_trainer_kwargs, [GradientDefense(GaussianNoise(std=0.1))])
+    assert "privacy/epsilon" not in trainer.callback_metrics
+
+
+@pytest.mark.parametrize(
+    ("build", "exc", "match"),
+    [
+        (lambda: GradientDefense(GaussianNoise), TypeError, "transforms"),
+        (lambda: GradientDefense("gaussian_noise"), TypeError, "transforms"),
+        (lambda: GradientDefense([]), ValueError, "at least one"),
+        (lambda: GradientDefense([GaussianNoise(std=0.1), 3]), TypeError, r"transforms\[1\]"),
+        (
+            lambda: GradientDefense(GaussianNoise(std=0.1), placement="before"),
+            ValueError,
+            "placement",
+        ),
+        (lambda: GradientDefense(GaussianNoise(std=0.1), seed=-1), ValueError, "seed"),
+        (lambda: GradientDefense(GaussianNoise(std=0.1), layers=3), TypeError, "layers"),
+        (lambda: GradientDefense(GaussianNoise(std=0.1), layers="(("), ValueError, "regex"),
+        (
+            lambda: GradientDefense(GaussianNoise(std=0.1), max_epsilon=1.0),
+            ValueError,
+            "computable epsilon",
+        ),
+        (
+            lambda: GradientDefense(
+                [GradientClipping(max_norm=1.0), GaussianNoise(std=1.0)],
+                layers="net",
+                max_epsilon=1.0,
+            ),
+            ValueError,
+            "computable epsilon",
+        ),
+        (
+            lambda: GradientDefense(
+                [GradientClipping(max_norm=1.0), GaussianNoise(std=1.0)], max_epsilon=-1.0
+            ),
+            ValueError,
+            "max_epsilon",
+        ),
+        (
+            lambda: GradientDefense(GaussianNoise(std=0.1), target_delta=1.0),
+            ValueError,
+            "target_delta",
+        ),
+    ],
+)
+def test_bad_arguments(build, exc, match):
+    with pytest.raises(exc, match=match):
+        build()
+
+
+def test_layers_matching_nothing_fails_before_training(fast_trainer_kwargs):
+    module = Tiny()
+    before = params(module)
+    with pytest.raises(ValueError, match="matched none"):
+        fit(
+            fast_trainer_kwargs,
+            [GradientDefense(GaussianNoise(std=0.1), layers="attention")],
+            module=module,
+        )
+    for n, p in params(module).items():
+        assert torch.equal(p, before[n])
+
+
+def test_unsupported_strategies_named():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    defense = GradientDefense(GaussianNoise(std=0.1))
+    fake = SimpleNamespace(
+        strategy=FSDPStrategy(), world_size=1, global_rank=0, gradient_clip_val=None
+    )
+    with pytest.raises(ValueError, match=r"FSDPStrategy.*strategy='ddp'"):
+        defense.setup(fake, Tiny(), "fit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        defense.setup(fake, Tiny(), "validate")  # only fitting is checked
