@@ -1,1 +1,21 @@
-"""Placeholder: filled by its issue."""
+"""Gradient-inversion attacks as registered, configured components.
+
+Example:
+    >>> from lightning_privacy.attacks import create_attack, list_attacks
+    >>> type(create_attack("idlg")).__name__
+    'IDLG'
+"""
+
+from lightning_privacy.attacks.base import ATTACKS, Attack, create_attack, list_attacks
+from lightning_privacy.attacks.dlg import IDLG, DeepLeakage
+from lightning_privacy.functional.attacks.common import Reconstruction
+
+__all__ = [
+    "ATTACKS",
+    "IDLG",
+    "Attack",
+    "DeepLeakage",
+    "Reconstruction",
+    "create_attack",
+    "list_attacks",
+]

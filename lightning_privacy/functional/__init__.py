@@ -8,6 +8,7 @@ Example:
     True
 """
 
+from lightning_privacy.functional.attacks import Reconstruction, deep_leakage, restore_labels
 from lightning_privacy.functional.defenses import (
     clip_by_global_norm,
     gaussian_noise,
@@ -20,7 +21,9 @@ from lightning_privacy.functional.defenses import (
 from lightning_privacy.functional.gradients import parameter_gradients, select_parameters
 
 __all__ = [
+    "Reconstruction",
     "clip_by_global_norm",
+    "deep_leakage",
     "gaussian_noise",
     "global_norm",
     "laplace_noise",
@@ -28,5 +31,6 @@ __all__ = [
     "magnitude_pruning",
     "parameter_gradients",
     "random_pruning",
+    "restore_labels",
     "select_parameters",
 ]

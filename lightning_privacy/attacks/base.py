@@ -1,0 +1,76 @@
+"""The interface of attack components and their registry.
+
+An attack is a frozen dataclass holding its hyperparameters (defaults: the paper's preset) with
+one method, ``reconstruct(model, gradients, *, input_shape, num_samples, labels=None,
+loss_fn=..., generator=None) -> Reconstruction``; the work is done by a pure function in
+:mod:`lightning_privacy.functional.attacks`.
+
+Example:
+    >>> from lightning_privacy.attacks import create_attack, list_attacks
+    >>> "deep_leakage" in list_attacks()
+    True
+    >>> create_attack("deep_leakage", max_iterations=10).max_iterations
+    10
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch.nn.functional as F
+from torch import Generator, Tensor, nn
+
+from lightning_privacy._registry import Registry
+from lightning_privacy.functional.attacks.common import Gradients, LossFn, Reconstruction
+
+ATTACKS: Registry[Attack] = Registry("attack")
+
+
+class Attack(ABC):
+    """Base class of attack components.
+
+    Attributes:
+        modality: ``"image"`` (continuous inputs) or ``"text"`` (token ids); an audit checks it
+            against the model's inputs before training.
+    """
+
+    modality: ClassVar[str] = "image"
+
+    @abstractmethod
+    def reconstruct(
+        self,
+        model: nn.Module,
+        gradients: Gradients,
+        *,
+        input_shape: Sequence[int],
+        num_samples: int,
+        labels: Tensor | None = None,
+        loss_fn: LossFn = F.cross_entropy,
+        generator: Generator | None = None,
+    ) -> Reconstruction:
+        """Rebuild ``num_samples`` inputs of shape ``input_shape`` from ``gradients``."""
+
+
+def create_attack(name: str, **kwargs: Any) -> Attack:
+    """Build the attack registered under ``name`` with hyperparameters ``kwargs``.
+
+    Example:
+        >>> try:
+        ...     create_attack("deep_lekage")
+        ... except ValueError as err:
+        ...     print(str(err).split(" Available")[0])
+        Unknown attack 'deep_lekage'. Did you mean 'deep_leakage'?
+    """
+    return ATTACKS.create(name, **kwargs)
+
+
+def list_attacks() -> list[str]:
+    """Names of the registered attacks.
+
+    Example:
+        >>> {"deep_leakage", "idlg"} <= set(list_attacks())
+        True
+    """
+    return ATTACKS.names()

@@ -1,0 +1,27 @@
+"""Gradient-inversion attacks as pure functions (no Lightning, no global RNG).
+
+Example:
+    >>> from lightning_privacy.functional.attacks import deep_leakage, Reconstruction
+    >>> callable(deep_leakage)
+    True
+"""
+
+from lightning_privacy.functional.attacks.common import (
+    GradientMatcher,
+    Reconstruction,
+    observed_gradients_of,
+    resolve_gradients,
+    restore_labels,
+    total_variation,
+)
+from lightning_privacy.functional.attacks.dlg import deep_leakage
+
+__all__ = [
+    "GradientMatcher",
+    "Reconstruction",
+    "deep_leakage",
+    "observed_gradients_of",
+    "resolve_gradients",
+    "restore_labels",
+    "total_variation",
+]

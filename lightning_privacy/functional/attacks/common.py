@@ -1,0 +1,264 @@
+"""What every gradient-inversion attack shares: the result type, gradient matching, priors.
+
+The attacker sees ``gradients`` (one tensor per trainable parameter, in ``named_parameters``
+order, or a ``{name: tensor}`` mapping for a subset) and the model. The dummy gradient is
+computed with :func:`lightning_privacy.functional.gradients.parameter_gradients`
+(``torch.func.functional_call`` on detached parameters and cloned buffers), so an attack never
+writes ``.grad``, BatchNorm statistics or anything else on the model.
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Linear(4, 3)
+    >>> x, y = torch.rand(1, 4), torch.tensor([2])
+    >>> target = observed_gradients_of(model, x, y)
+    >>> matcher = GradientMatcher(model, target, loss_fn=torch.nn.functional.cross_entropy)
+    >>> float(matcher.l2(x.requires_grad_(), y).detach()) < 1e-12
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_privacy.functional.gradients import parameter_gradients, select_parameters
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Gradients = Sequence[Tensor] | Mapping[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """The result of an attack.
+
+    Attributes:
+        inputs: Reconstructed inputs, ``(num_samples, *input_shape)`` (token ids for text).
+        labels: Reconstructed (or given) labels, ``(num_samples,)`` int64, or ``None``.
+        history: Objective value after each outer step of the kept trial.
+        metadata: Free-form facts about the run: ``bn_mode`` (``"train"``/``"eval"``/``"none"``),
+            ``bn_stats_known``, ``labels_known``, per-restart objective values, iterations, ...
+    """
+
+    inputs: Tensor
+    labels: Tensor | None
+    history: list[float] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def objective(self) -> float:
+        """Final objective value of the kept trial (``nan`` if none was recorded)."""
+        return self.history[-1] if self.history else float("nan")
+
+
+def bn_mode(model: nn.Module) -> str:
+    """``"none"`` without BatchNorm, else ``"train"`` or ``"eval"`` (the mode the attack sees).
+
+    Example:
+        >>> bn_mode(torch.nn.BatchNorm1d(2).eval()), bn_mode(torch.nn.Linear(2, 2))
+        ('eval', 'none')
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return "none"
+    return "train" if any(m.training for m in norms) else "eval"
+
+
+def threat_metadata(model: nn.Module, *, labels_known: bool) -> dict[str, Any]:
+    """The threat-model facts recorded with every reconstruction.
+
+    In eval mode the attacker's model uses the running statistics it holds, i.e. it knows the
+    BatchNorm statistics; in train mode BatchNorm uses the dummy batch's own statistics.
+
+    Example:
+        >>> threat_metadata(torch.nn.Linear(2, 2), labels_known=True)["bn_mode"]
+        'none'
+    """
+    mode = bn_mode(model)
+    return {"bn_mode": mode, "bn_stats_known": mode == "eval", "labels_known": labels_known}
+
+
+def resolve_gradients(model: nn.Module, gradients: Gradients) -> dict[str, Tensor]:
+    """Name the observed gradients after the model's trainable parameters.
+
+    Args:
+        model: The attacked model.
+        gradients: A sequence aligned with the trainable parameters (``named_parameters`` order)
+            or a ``{name: tensor}`` mapping of a subset of them.
+
+    Raises:
+        ValueError: If the count, a name or a shape does not match the model.
+
+    Example:
+        >>> m = torch.nn.Linear(2, 3)
+        >>> sorted(resolve_gradients(m, [torch.zeros(3, 2), torch.zeros(3)]))
+        ['bias', 'weight']
+    """
+    params = select_parameters(model)
+    if isinstance(gradients, Mapping):
+        named = dict(gradients)
+        unknown = [n for n in named if n not in params]
+        if unknown:
+            raise ValueError(
+                f"Expected gradient names to be trainable parameters of the model, but got "
+                f"{unknown[:3]}. Parameter names look like: {list(params)[:5]}."
+            )
+    else:
+        grads = list(gradients)
+        if len(grads) != len(params):
+            raise ValueError(
+                f"Expected one gradient per trainable parameter ({len(params)}), but got "
+                f"{len(grads)}. Pass a {{name: tensor}} mapping to attack a subset."
+            )
+        named = dict(zip(params, grads, strict=True))
+    for name, grad in named.items():
+        if tuple(grad.shape) != tuple(params[name].shape):
+            raise ValueError(
+                f"Expected the gradient of `{name}` to have shape {tuple(params[name].shape)}, "
+                f"but got {tuple(grad.shape)}."
+            )
+    return {n: g.detach() for n, g in named.items()}
+
+
+def observed_gradients_of(
+    model: nn.Module, inputs: Tensor, labels: Tensor, *, loss_fn: LossFn = F.cross_entropy
+) -> list[Tensor]:
+    """The gradient a client would send for ``(inputs, labels)``, one tensor per parameter.
+
+    Example:
+        >>> [g.shape for g in observed_gradients_of(torch.nn.Linear(2, 3), torch.rand(1, 2),
+        ...                                         torch.tensor([0]))]
+        [torch.Size([3, 2]), torch.Size([3])]
+    """
+    return [
+        g.detach() for g in parameter_gradients(model, inputs, labels, loss_fn=loss_fn).values()
+    ]
+
+
+class GradientMatcher:
+    """Dummy gradients and matching losses against a fixed observed gradient.
+
+    Args:
+        model: The attacked model (read only).
+        gradients: The observed gradient (see :func:`resolve_gradients`).
+        loss_fn: The training loss; must accept soft (probability) targets for joint label
+            optimisation, as ``torch.nn.functional.cross_entropy`` does.
+    """
+
+    def __init__(self, model: nn.Module, gradients: Gradients, *, loss_fn: LossFn) -> None:
+        self.model = model
+        self.target = resolve_gradients(model, gradients)
+        all_params = select_parameters(model)
+        self.params = {n: all_params[n] for n in self.target}
+        self.loss_fn = loss_fn
+        self._target_list = list(self.target.values())
+        self.target_norm = torch.sqrt(_total([(g * g).sum() for g in self._target_list]))
+
+    def dummy(self, inputs: Tensor, targets: Tensor) -> list[Tensor]:
+        """Gradient of the loss at ``(inputs, targets)`` with the graph kept (double backprop)."""
+        grads = parameter_gradients(
+            self.model,
+            inputs,
+            targets,
+            loss_fn=self.loss_fn,
+            params=self.params,
+            create_graph=True,
+        )
+        return list(grads.values())
+
+    def l2(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """DLG's objective: ``sum_l ||g_l(x', y') - g*_l||^2``."""
+        dummy = self.dummy(inputs, targets)
+        return _total([((d - t) ** 2).sum() for d, t in zip(dummy, self._target_list, strict=True)])
+
+    def cosine(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """Inverting Gradients' objective: ``1 - <g', g*> / (||g'|| ||g*||)`` over all layers."""
+        dummy = self.dummy(inputs, targets)
+        dot = _total([(d * t).sum() for d, t in zip(dummy, self._target_list, strict=True)])
+        norm = torch.sqrt(_total([(d * d).sum() for d in dummy]))
+        return 1.0 - dot / (norm * self.target_norm).clamp_min(1e-30)
+
+
+def _total(values: list[Tensor]) -> Tensor:
+    """Sum of scalar tensors (one autograd node)."""
+    return torch.stack(values).sum()
+
+
+def total_variation(images: Tensor) -> Tensor:
+    """Anisotropic L1 total variation: mean ``|dx|`` + mean ``|dy|`` (Geiping et al., 2020).
+
+    Example:
+        >>> float(total_variation(torch.ones(1, 1, 4, 4)))
+        0.0
+    """
+    dx = (images[..., :, 1:] - images[..., :, :-1]).abs().mean()
+    dy = (images[..., 1:, :] - images[..., :-1, :]).abs().mean()
+    return dx + dy
+
+
+def last_linear(model: nn.Module, target: Mapping[str, Tensor]) -> tuple[str, str | None]:
+    """Names of the weight (and bias) gradient of the model's last ``nn.Linear`` layer.
+
+    Raises:
+        ValueError: If the model has no linear layer or its weight gradient was not observed.
+
+    Example:
+        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Linear(4, 3))
+        >>> last_linear(m, {n: p for n, p in m.named_parameters()})
+        ('1.weight', '1.bias')
+    """
+    name = None
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            name = module_name
+    if name is None:
+        raise ValueError("Expected the model to end in an nn.Linear layer, but it has none.")
+    prefix = f"{name}." if name else ""
+    weight, bias = f"{prefix}weight", f"{prefix}bias"
+    if weight not in target:
+        raise ValueError(f"Expected the gradient of `{weight}` (the last linear layer).")
+    return weight, bias if bias in target else None
+
+
+def restore_labels(model: nn.Module, gradients: Gradients, num_samples: int) -> Tensor:
+    """Labels from the last linear layer's gradient, without any optimisation.
+
+    * One sample (iDLG, Zhao et al., 2020): the true class is the only row of the last weight
+      gradient with a negative sum (``dL/dz_c = p_c - 1[c = y]`` times non-negative features);
+      with a bias, its gradient is ``dL/dz`` itself and the negative entry is the label.
+    * A batch (GradInversion, Yin et al., CVPR 2021, Breaching's ``yin`` strategy): the
+      ``num_samples`` classes whose weight-gradient rows have the most negative minimum; exact for
+      distinct labels and non-negative features.
+
+    Returns:
+        ``(num_samples,)`` int64 labels (a batch's in ascending class order).
+
+    Example:
+        >>> m = torch.nn.Linear(5, 4)
+        >>> g = observed_gradients_of(m, torch.rand(1, 5), torch.tensor([3]))
+        >>> restore_labels(m, g, 1)
+        tensor([3])
+    """
+    target = resolve_gradients(model, gradients)
+    weight, bias = last_linear(model, target)
+    if num_samples == 1:
+        row = target[bias] if bias is not None else target[weight].sum(dim=1)
+        return row.argmin().reshape(1)
+    minima = target[weight].min(dim=1).values
+    if num_samples > minima.numel():
+        # Repeated labels: fill the rest with the most negative classes again (best effort).
+        order = minima.argsort()
+        reps = (num_samples + minima.numel() - 1) // minima.numel()
+        return order.repeat(reps)[:num_samples].sort().values
+    return minima.argsort()[:num_samples].sort().values
+
+
+def check_num_samples(num_samples: Any) -> int:
+    """Validate ``num_samples`` (an int >= 1)."""
+    from lightning_privacy._validation import check_int
+
+    return check_int("num_samples", num_samples, low=1)
