@@ -1,0 +1,236 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_privacy.functional.leakage import (
+    GramFactorization,
+    LeakageOperator,
+    conjugate_gradient,
+    expected_gaussian_i2f,
+    i2f,
+    i2f_from_operator,
+    i2f_lower_bound,
+    lanczos_lambda_max,
+    predicted_psnr,
+)
+
+
+def tiny_net(seed=0, out=4):
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(1, 6, 3, stride=2, padding=1),
+        nn.Sigmoid(),
+        nn.Flatten(),
+        nn.Linear(96, out),
+    ).double()
+    for p in net.parameters():
+        nn.init.uniform_(p, -0.5, 0.5)
+    return net
+
+
+def dense_jacobian(model, x, y, params=None):
+    params = list(model.parameters()) if params is None else params
+
+    def flat_grad(inp):
+        loss = nn.functional.cross_entropy(model(inp), y)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        return torch.cat([g.reshape(-1) for g in grads])
+
+    jac = torch.autograd.functional.jacobian(flat_grad, x)  # (d_theta, *x.shape)
+    return jac.reshape(jac.shape[0], -1).T  # (d_x, d_theta)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_net()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 1, 8, 8, generator=gen, dtype=torch.float64)
+    y = torch.tensor([2])
+    J = dense_jacobian(model, x, y)
+    assert torch.linalg.matrix_rank(J) == 64
+    delta = 1e-2 * torch.randn(J.shape[1], generator=gen, dtype=torch.float64)
+    return model, x, y, J, delta
+
+
+def rel(a, b):
+    return float((torch.as_tensor(a) - torch.as_tensor(b)).norm() / torch.as_tensor(b).norm())
+
+
+def test_products_match_dense_jacobian(setup):
+    model, x, y, J, delta = setup
+    op = LeakageOperator(model, x, y)
+    assert (op.input_dim, op.param_dim) == tuple(J.shape)
+    v = torch.randn(op.input_dim, dtype=torch.float64)
+    assert rel(op.jvp(delta).reshape(-1), J @ delta) < 1e-10
+    assert rel(op.jt(v), J.T @ v) < 1e-10
+    assert rel(op.gram_matvec(v), J @ (J.T @ v)) < 1e-10
+    assert rel(op.gram(), J @ J.T) < 1e-10
+    batch = torch.stack([delta, 2 * delta, -delta])
+    assert rel(op.jvp(batch).reshape(3, -1), batch @ J.T) < 1e-10
+
+
+@pytest.mark.parametrize("method", ["dense", "cg"])
+def test_exact_i2f_matches_dense_solve(setup, method):
+    model, x, y, J, delta = setup
+    ref = torch.linalg.solve(J @ J.T, J @ delta).norm()
+    got = i2f(model, x, y, delta, method=method, tol=1e-12, max_iterations=2000)
+    assert rel(got.value[0], ref) < 1e-4
+    assert got.method == method and got.converged
+    # the lower bound sits below, and the matching upper bound above
+    lam = torch.linalg.eigvalsh(J @ J.T)
+    assert (J @ delta).norm() / lam[-1] <= got.value[0] <= (J @ delta).norm() / lam[0]
+
+
+@pytest.mark.parametrize("damping", [1e-4, 1e-2])
+def test_damped_i2f_matches_dense_solve(setup, damping):
+    model, x, y, J, delta = setup
+    ref = torch.linalg.solve(J @ J.T + damping * torch.eye(64, dtype=J.dtype), J @ delta).norm()
+    assert rel(i2f(model, x, y, delta, damping=damping).value[0], ref) < 1e-6
+    cg = i2f(model, x, y, delta, damping=damping, method="cg", tol=1e-12)
+    assert rel(cg.value[0], ref) < 1e-4
+    # damping shrinks the estimate towards ‖Jδ‖/λ
+    assert i2f(model, x, y, delta, damping=damping).value[0] < i2f(model, x, y, delta).value[0]
+
+
+def test_lower_bound_uses_lanczos_lambda_max(setup):
+    model, x, y, J, delta = setup
+    lam = torch.linalg.eigvalsh(J @ J.T)[-1]
+    res = i2f_lower_bound(model, x, y, delta, generator=torch.Generator().manual_seed(0))
+    assert res.lanczos.converged and 1 <= res.lanczos.iterations <= 64
+    assert abs(res.lambda_max - float(lam)) / float(lam) < 1e-6
+    assert rel(res.value[0], (J @ delta).norm() / lam) < 1e-6
+
+
+def test_eigenvector_direction_gives_inverse_singular_value(setup):
+    model, x, y, J, _ = setup
+    _, s, vh = torch.linalg.svd(J, full_matrices=False)
+    for i in (0, 20, 63):
+        got = i2f(model, x, y, 3.0 * vh[i]).value[0]
+        assert abs(float(got) - 3.0 / float(s[i])) / (3.0 / float(s[i])) < 1e-6
+
+
+def test_gaussian_expectation_is_trace_and_matches_monte_carlo(setup):
+    model, x, y, J, _ = setup
+    op = LeakageOperator(model, x, y)
+    fact = GramFactorization(op.gram())
+    tr = torch.trace(torch.linalg.inv(J @ J.T))
+    assert rel(fact.trace_inverse(), tr) < 1e-6
+    std = 1e-3
+    expected = expected_gaussian_i2f(fact, std=std)
+    assert abs(expected - std * math.sqrt(float(tr))) / expected < 1e-8
+    gen = torch.Generator().manual_seed(3)
+    draws = std * torch.randn(400, op.param_dim, generator=gen, dtype=torch.float64)
+    mc = i2f_from_operator(op, draws, factorization=fact).value
+    assert abs(float(mc.pow(2).mean().sqrt()) - expected) / expected < 0.1
+    damped = GramFactorization(op.gram(), spectrum=True)
+    lam = torch.linalg.eigvalsh(J @ J.T)
+    assert rel(damped.trace_inverse(1e-3), (lam / (lam + 1e-3) ** 2).sum()) < 1e-8
+
+
+def test_batch_per_sample_blocks():
+    model = tiny_net(out=10)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(2, 1, 8, 8, generator=gen, dtype=torch.float64)
+    y = torch.tensor([1, 7])
+    J = dense_jacobian(model, x, y)
+    assert torch.linalg.matrix_rank(J) == 128
+    delta = 1e-2 * torch.randn(J.shape[1], generator=gen, dtype=torch.float64)
+    err = torch.linalg.solve(J @ J.T, J @ delta).reshape(2, -1)
+    got = i2f(model, x, y, delta)
+    assert rel(got.per_sample[0], err.norm(dim=1)) < 1e-6
+    assert rel(got.value[0], err.norm()) < 1e-6
+
+
+def test_layer_subset_restricts_columns(setup):
+    model, x, y, _, _ = setup
+    params = [p for n, p in model.named_parameters() if n.startswith("3.")]
+    J = dense_jacobian(model, x, y, params)  # only the linear layer is observed
+    gen = torch.Generator().manual_seed(2)
+    delta = [1e-2 * torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    flat = torch.cat([d.reshape(-1) for d in delta])
+    op = LeakageOperator(model, x, y, layers=r"^3\.")
+    assert op.param_dim == J.shape[1]
+    assert rel(op.jvp(delta).reshape(-1), J @ flat) < 1e-10
+    lb = i2f_lower_bound(model, x, y, delta, layers=r"^3\.")
+    assert rel(lb.jdelta_norm[0], (J @ flat).norm()) < 1e-10
+
+
+def test_float32_matches_float64_reference(setup):
+    _model, x, y, J, delta = setup
+    model32 = tiny_net().float()
+    ref = torch.linalg.solve(J @ J.T, J @ delta).norm()
+    got = i2f(model32, x.float(), y, delta.float()).value[0]
+    assert rel(got, ref) < 0.05
+
+
+def test_bad_inputs(setup):
+    model, x, y, _J, delta = setup
+    with pytest.raises(ValueError, match="one tensor per observed parameter"):
+        i2f(model, x, y, [torch.zeros(3)])
+    with pytest.raises(ValueError, match="flat tensor of 448"):
+        i2f(model, x, y, torch.zeros(447, dtype=torch.float64))
+    with pytest.raises(ValueError, match="finite"):
+        i2f(model, x, y, torch.full((448,), float("nan"), dtype=torch.float64))
+    with pytest.raises(ValueError, match="damping"):
+        i2f(model, x, y, delta, damping=-1.0)
+    with pytest.raises(ValueError, match="method"):
+        i2f(model, x, y, delta, method="svd")
+    emb = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2))
+    with pytest.raises(TypeError, match="embeddings"):
+        i2f(
+            emb,
+            torch.tensor([[1, 2, 3]]),
+            torch.tensor([0]),
+            [torch.zeros_like(p) for p in emb.parameters()],
+        )
+
+    class Detached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, inp):
+            return self.lin(inp.round())
+
+    det = Detached()
+    with pytest.raises(ValueError, match="differentiable path"):
+        i2f(
+            det,
+            torch.randn(1, 4),
+            torch.tensor([0]),
+            [torch.zeros_like(p) for p in det.parameters()],
+        )
+
+
+def test_singular_gram_warns_and_uses_pseudo_inverse():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 2)).double()  # d_theta = 14 < 3 * 6 inputs
+    x, y = torch.randn(3, 6, dtype=torch.float64), torch.tensor([0, 1, 0])
+    delta = [1e-2 * torch.ones_like(p) for p in model.parameters()]
+    with pytest.warns(UserWarning, match="singular"):
+        res = i2f(model, x, y, delta)
+    assert torch.isfinite(res.value).all()
+
+
+def test_lanczos_and_cg_helpers():
+    a = torch.diag(torch.linspace(0.01, 5.0, 50, dtype=torch.float64))
+    r = lanczos_lambda_max(
+        lambda v: a @ v, 50, tol=1e-10, generator=torch.Generator().manual_seed(0)
+    )
+    assert abs(r.value - 5.0) < 1e-8 and r.converged and r.residual < 1e-8
+    short = lanczos_lambda_max(lambda v: a @ v, 50, max_iterations=2, tol=1e-14)
+    assert not short.converged and short.iterations == 2
+    b = torch.ones(50, dtype=torch.float64)
+    sol = conjugate_gradient(lambda v: a @ v, b, tol=1e-12)
+    assert sol.converged and torch.allclose(a @ sol.solution, b)
+    assert not conjugate_gradient(lambda v: a @ v, b, tol=1e-12, max_iterations=3).converged
+
+
+def test_predicted_psnr():
+    assert float(predicted_psnr(torch.tensor(1.0), 100)) == pytest.approx(20.0)
+    # MSE = 0.01 over range 2 -> 10 log10(4 / 0.01)
+    assert float(predicted_psnr(1.0, 100, data_range=2.0)) == pytest.approx(26.0206, abs=1e-4)
+    with pytest.raises(ValueError):
+        predicted_psnr(1.0, 0)
