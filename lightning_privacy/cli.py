@@ -1,70 +1,254 @@
-"""The ``lightning-privacy`` command line: ``demo`` (more subcommands arrive with their issues).
+"""The ``lightning-privacy`` command line: ``demo``, ``sweep`` and ``report``.
+
+* ``lightning-privacy demo`` -- what ``make demo`` runs: LeNet on the embedded digits, trained
+  without a defense, with Gaussian noise, with magnitude pruning and with DP-SGD, each audited by
+  ``InversionAudit`` and ``LeakageMonitor``; prints one table and writes a report.
+* ``lightning-privacy sweep --config sweep.yaml [--backend local|ray] [--out DIR]`` -- a grid
+  over defenses and strengths (:mod:`lightning_privacy.sweep`); ``results.csv``, Pareto plots
+  and ``report.html`` in ``DIR``; rerunning it skips finished trials.
+* ``lightning-privacy report RUN_DIR`` -- (re)write ``RUN_DIR/report.html``.
+
+Invalid input (a bad sweep file, an unknown backend, Ray missing, no such run directory) prints
+one message naming the key or line and exits with code 2 before anything is written.
 
 Example:
     >>> from lightning_privacy.cli import build_parser
     >>> build_parser().parse_args(["demo", "--epochs", "1"]).epochs
     1
+    >>> main(["sweep", "--config", "/nonexistent.yaml"])
+    2
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+#: Exit code of invalid input (as argparse uses).
+EXIT_USAGE = 2
+
+DEMO_DEFENSES: tuple[dict[str, Any], ...] = (
+    {"name": "none"},
+    {"name": "gaussian_noise", "strengths": [0.01]},
+    {"name": "magnitude_pruning", "strengths": [0.9]},
+    {"name": "dpsgd", "strengths": [1.0], "max_grad_norm": 1.0},
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the console script."""
-    parser = argparse.ArgumentParser(prog="lightning-privacy", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="lightning-privacy",
+        description="Privacy audits of PyTorch Lightning training: demo, sweep, report.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train on embedded digits with and without defenses")
-    demo.add_argument("--epochs", type=int, default=3)
+    demo.add_argument("--epochs", type=int, default=3, help="training epochs per configuration")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--dataset", default="digits", choices=("digits", "lfw"))
+    demo.add_argument("--out", default=None, help="run directory (default runs/demo-<time>)")
+    demo.add_argument("--quick", action="store_true", help="smoke run: 1 short epoch, small audits")
+    sweep = sub.add_parser("sweep", help="privacy-utility grid over defenses and strengths")
+    sweep.add_argument("--config", required=True, help="sweep YAML file")
+    sweep.add_argument("--backend", default=None, help="local (default) or ray")
+    sweep.add_argument("--out", default=None, help="run directory (default runs/<config name>)")
+    sweep.add_argument("--workers", type=int, default=None, help="concurrent trials")
+    report = sub.add_parser("report", help="write the HTML report of a run directory")
+    report.add_argument("run_dir", help="a sweep or demo run directory")
+    report.add_argument("--out", default=None, help="HTML file (default RUN_DIR/report.html)")
     return parser
 
 
-def run_demo(epochs: int, seed: int, console: Console) -> Table:
-    """Train LitClassifier on digits once per configuration and tabulate the results."""
-    import lightning as L
+def demo_config_text(
+    *, epochs: int, seed: int, dataset: str = "digits", quick: bool = False
+) -> str:
+    """The sweep configuration of the demo, as YAML.
 
-    from lightning_privacy.data import DigitsDataModule
-    from lightning_privacy.models import LeNetDLG, LitClassifier
+    Example:
+        >>> from lightning_privacy.sweep import parse_sweep_config
+        >>> [t.label for t in parse_sweep_config(demo_config_text(epochs=1, seed=0)).trials()]
+        ['none', 'gaussian_noise=0.01', 'magnitude_pruning=0.9', 'dpsgd=1']
+    """
+    import yaml
 
-    table = Table(title="lightning-privacy demo: digits, LeNet, CPU")
-    for column in ("defense", "val acc", "seconds"):
-        table.add_column(column)
-    configurations: dict[str, list[L.Callback]] = {"none": []}
-    for name, callbacks in configurations.items():
-        L.seed_everything(seed, verbose=False)
-        model = LitClassifier(LeNetDLG(10, channels=1, image_size=32), optimizer="adam", lr=0.003)
-        trainer = L.Trainer(
-            max_epochs=epochs,
-            callbacks=callbacks,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            accelerator="cpu",
-            devices=1,
+    config = {
+        "name": "demo",
+        "defenses": [dict(d) for d in DEMO_DEFENSES],
+        "data": {"dataset": dataset, "image_size": 32, "batch_size": 64},
+        "model": {"name": "lenet", "optimizer": "adam", "lr": 0.003, "init": "uniform"},
+        "training": {
+            "epochs": 1 if quick else epochs,
+            "seed": seed,
+            "limit_train_batches": 3 if quick else None,
+        },
+        "audit": {"attack": "deep_leakage", "num_samples": 1},
+        "leakage": {"estimator": "exact", "num_delta_samples": 1},
+    }
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None or value == "":
+        return "—"
+    number = float(value)
+    return "∞" if math.isinf(number) else format(number, fmt)
+
+
+def results_table(results: Sequence[Mapping[str, Any]], title: str) -> Table:
+    """The summary table: val accuracy, ε, attack PSNR, predicted PSNR, time.
+
+    Example:
+        >>> rows = [{"label": "none", "val_acc": 0.9, "epsilon": float("inf")}]
+        >>> results_table(rows, "title").row_count
+        1
+    """
+    table = Table(title=title)
+    for column in (
+        "defense",
+        "val acc",
+        "ε",
+        "attack PSNR (dB)",
+        "predicted PSNR (dB)",
+        "time (s)",
+    ):
+        left = column == "defense"
+        table.add_column(column, justify="left" if left else "right", no_wrap=left)
+    for r in results:
+        status = str(r.get("status", "ok"))
+        if status != "ok":
+            short = status.split(":", 1)[0]
+            table.add_row(str(r.get("label")), f"[red]{short}[/red]", "", "", "", "")
+            continue
+        epsilon = r.get("epsilon")
+        eps_text = _cell(epsilon, ".2f") if epsilon is not None else "none (no DP)"
+        table.add_row(
+            str(r.get("label")),
+            _cell(r.get("val_acc"), ".3f"),
+            eps_text if r.get("defense") != "none" else "∞",
+            _cell(r.get("attack_psnr"), ".1f"),
+            _cell(r.get("predicted_psnr"), ".1f"),
+            _cell(r.get("seconds"), ".1f"),
         )
-        start = time.perf_counter()
-        trainer.fit(model, DigitsDataModule(batch_size=64))
-        acc = float(trainer.callback_metrics["val/acc"])
-        table.add_row(name, f"{acc:.3f}", f"{time.perf_counter() - start:.1f}")
-    console.print(table)
     return table
+
+
+def _missing_note(results: Sequence[Mapping[str, Any]]) -> str | None:
+    missing = sorted({m for r in results for m in r.get("missing", [])})
+    lines = [
+        f"{r.get('label')}: {r.get('status')}"
+        for r in results
+        if str(r.get("status", "ok")).startswith("failed")
+    ]
+    if missing:
+        lines.append("Not available in this build (columns show —): " + ", ".join(missing))
+    return "\n".join(lines) or None
+
+
+def run_demo(
+    *,
+    epochs: int,
+    seed: int,
+    console: Console,
+    dataset: str = "digits",
+    out: str | None = None,
+    quick: bool = False,
+) -> list[dict[str, Any]]:
+    """Run the demo configurations in this process, print the table, write the report."""
+    from lightning_privacy.sweep import parse_sweep_config
+    from lightning_privacy.sweep.runner import run_sweep
+
+    text = demo_config_text(epochs=epochs, seed=seed, dataset=dataset, quick=quick)
+    config = parse_sweep_config(text, source="<demo>")
+    run_dir = Path(out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    start = time.perf_counter()
+    results = run_sweep(
+        config,
+        run_dir,
+        in_process=True,
+        console=console,
+        title=f"lightning-privacy demo: {dataset}, LeNet, CPU",
+    )
+    console.print(results_table(results, f"lightning-privacy demo: {dataset}, LeNet, CPU"))
+    note = _missing_note(results)
+    if note:
+        console.print(Text(note, style="yellow"))
+    console.print(f"Report: {run_dir / 'report.html'}  (total {time.perf_counter() - start:.0f} s)")
+    return results
+
+
+def run_sweep_command(args: argparse.Namespace, console: Console) -> int:
+    """``lightning-privacy sweep``: validate everything, then run."""
+    from lightning_privacy.sweep import load_sweep_config
+    from lightning_privacy.sweep.runner import run_sweep
+
+    config = load_sweep_config(args.config, backend=args.backend)
+    if args.workers is not None and args.workers < 1:
+        raise _usage(f"Expected `--workers` to be an int >= 1, but got {args.workers} (int).")
+    out = Path(args.out or f"runs/{Path(args.config).stem}")
+    results = run_sweep(config, out, workers=args.workers, console=console)
+    console.print(results_table(results, f"sweep {config.name}: {len(results)} trials"))
+    note = _missing_note(results)
+    if note:
+        console.print(Text(note, style="yellow"))
+    console.print(f"Results: {out / 'results.csv'}  Report: {out / 'report.html'}")
+    failed = [r for r in results if str(r.get("status", "ok")).startswith("failed")]
+    return 1 if failed else 0
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _usage(message: str) -> _UsageError:
+    return _UsageError(message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
+    from lightning_privacy.sweep.config import SweepConfigError
+
     args = build_parser().parse_args(argv)
-    console = Console()
-    if args.command == "demo":
-        run_demo(args.epochs, args.seed, console)
-    return 0
+    console = Console(width=None if sys.stdout.isatty() else 110)
+    errors = Console(stderr=True, width=None if sys.stderr.isatty() else 110)
+    try:
+        if args.command == "demo":
+            run_demo(
+                epochs=args.epochs,
+                seed=args.seed,
+                console=console,
+                dataset=args.dataset,
+                out=args.out,
+                quick=args.quick,
+            )
+            return 0
+        if args.command == "sweep":
+            return run_sweep_command(args, console)
+        if args.command == "report":
+            from lightning_privacy.report import write_report
+            from lightning_privacy.sweep.runner import load_results
+
+            run_dir = Path(args.run_dir)
+            if not run_dir.is_dir() or not load_results(run_dir):
+                raise _usage(
+                    f"{str(run_dir)!r} is not a run directory with finished trials "
+                    "(expected trials/*/result.json from `lightning-privacy sweep` or `demo`)."
+                )
+            path = write_report(run_dir, path=args.out)
+            console.print(f"Report: {path}")
+            return 0
+    except (SweepConfigError, _UsageError) as err:
+        errors.print(Text.assemble(("error: ", "bold red"), str(err)), soft_wrap=True)
+        return EXIT_USAGE
+    return EXIT_USAGE  # pragma: no cover - argparse requires a command
 
 
 if __name__ == "__main__":

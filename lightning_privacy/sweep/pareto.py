@@ -1,0 +1,137 @@
+"""Privacy-utility Pareto fronts and their plots (matplotlib, Agg backend).
+
+A configuration is on the front when no other one has both higher validation accuracy and less
+leakage (lower attack PSNR, or lower ε).
+
+Example:
+    >>> pareto_front([(30.0, 0.9), (20.0, 0.8), (25.0, 0.7), (10.0, 0.5)])
+    [3, 1, 0]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+#: Pareto plots a sweep writes: file name, x key, x label, log scale.
+PARETO_PLOTS = (
+    ("pareto_attack_psnr.png", "attack_psnr", "attack PSNR (dB, lower = less leakage)", False),
+    ("pareto_predicted_psnr.png", "predicted_psnr", "I²F predicted PSNR (dB)", False),
+    ("pareto_epsilon.png", "epsilon", "ε (log scale, lower = stronger guarantee)", True),
+)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points ``(leakage, accuracy)`` that no other point dominates.
+
+    Lower leakage and higher accuracy are better. The result is sorted by leakage.
+
+    Example:
+        >>> pareto_front([(1.0, 0.5), (1.0, 0.6)])
+        [1]
+    """
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any(
+            (x2 <= x and y2 >= y) and (x2 < x or y2 > y)
+            for j, (x2, y2) in enumerate(points)
+            if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
+
+
+def _number(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def plot_pareto(
+    results: Sequence[Mapping[str, Any]],
+    x_key: str,
+    x_label: str,
+    path: str | Path,
+    *,
+    log_x: bool = False,
+    title: str | None = None,
+) -> Path:
+    """Scatter ``val_acc`` against ``x_key`` per trial, colour by defense, line through the front.
+
+    Trials without a finite ``x_key`` (no attack run, ε undefined) are listed in the figure's
+    note instead of being plotted. The PNG is written even when nothing can be plotted.
+
+    Example:
+        >>> import tempfile, os
+        >>> rows = [{"defense": "none", "label": "none", "val_acc": 0.9, "attack_psnr": 40.0},
+        ...         {"defense": "gaussian_noise", "label": "gaussian_noise=0.1",
+        ...          "val_acc": 0.7, "attack_psnr": 12.0}]
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     p = plot_pareto(rows, "attack_psnr", "PSNR", os.path.join(d, "p.png"))
+        ...     p.stat().st_size > 1000
+        True
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    points, labels, defenses, skipped = [], [], [], []
+    for row in results:
+        x, y = _number(row.get(x_key)), _number(row.get("val_acc"))
+        if x is None or y is None or (log_x and x <= 0):
+            skipped.append(str(row.get("label", row.get("trial_id", "?"))))
+            continue
+        points.append((x, y))
+        labels.append(str(row.get("label", "")))
+        defenses.append(str(row.get("defense", "")))
+    fig, ax = plt.subplots(figsize=(6.0, 4.2), dpi=90)
+    colours = {d: plt.cm.tab10(i % 10) for i, d in enumerate(dict.fromkeys(defenses))}
+    for (x, y), label, defense in zip(points, labels, defenses, strict=True):
+        ax.scatter(x, y, color=colours[defense], s=36, zorder=3)
+        ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for defense, colour in colours.items():
+        ax.scatter([], [], color=colour, label=defense)
+    if points:
+        front = pareto_front(points)
+        ax.plot(
+            [points[i][0] for i in front],
+            [points[i][1] for i in front],
+            "k--",
+            lw=1,
+            label="Pareto front",
+            zorder=2,
+        )
+        ax.legend(fontsize=7, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no trial has this measurement", ha="center", transform=ax.transAxes)
+    if log_x and points:
+        ax.set_xscale("log")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(title or f"accuracy vs {x_key}", fontsize=10)
+    if skipped:
+        note = "not plotted (undefined): " + ", ".join(skipped)
+        fig.text(0.01, 0.01, note[:140], fontsize=6, color="grey")
+    ax.grid(alpha=0.3)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_pareto_plots(results: Sequence[Mapping[str, Any]], out_dir: str | Path) -> list[Path]:
+    """Write every plot of :data:`PARETO_PLOTS` into ``out_dir``."""
+    return [
+        plot_pareto(results, key, label, Path(out_dir) / name, log_x=log_x)
+        for name, key, label, log_x in PARETO_PLOTS
+    ]

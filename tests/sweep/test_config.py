@@ -1,0 +1,144 @@
+"""Bad sweep input: one clear message naming the key and line, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+
+from lightning_privacy.cli import main
+from lightning_privacy.sweep import SweepConfigError, parse_sweep_config
+
+GOOD = """\
+name: tiny
+defenses:
+  - name: none
+  - name: gaussian_noise
+    strengths: [0.01, 0.1]
+  - name: magnitude_pruning
+    strengths: [0.5]
+training:
+  epochs: 1
+"""
+
+
+def run_cli(tmp_path, text, *extra):
+    config = tmp_path / "sweep.yaml"
+    config.write_text(textwrap.dedent(text))
+    out = tmp_path / "out"
+    code = main(["sweep", "--config", str(config), "--out", str(out), *extra])
+    return code, out
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            GOOD.replace("gaussian_noise", "gausian_noise"),
+            [
+                "line 4",
+                "defenses[1].name",
+                "Unknown defense 'gausian_noise'",
+                "Did you mean 'gaussian_noise'",
+            ],
+        ),
+        (
+            GOOD.replace("[0.01, 0.1]", "[0.01, -0.1]"),
+            ["line 5", "defenses[1].strengths[1]", "finite float >= 0.0", "-0.1 (float)"],
+        ),
+        (
+            GOOD.replace("    strengths: [0.5]\n", ""),
+            ["line 6", "key `defenses[2]`", "Missing required key `defenses[2].strengths`"],
+        ),
+        ("name: x\ntraining: {epochs: 1}\n", ["key `defenses`", "Missing required key"]),
+        (GOOD + "backend: slurm\n", ["line 10", "key `backend`", "'local', 'ray'", "'slurm'"]),
+        (
+            GOOD.replace("training:", "trainig:"),
+            ["line 8", "key `trainig`", "Did you mean 'training'"],
+        ),
+        (GOOD.replace("epochs: 1", "epochs: 0"), ["line 9", "training.epochs", "int > 0"]),
+        (GOOD.replace("  - name: none\n", "  - name: none\n   bad: [\n"), ["Invalid YAML"]),
+        (
+            GOOD.replace("  - name: none\n", "  - {name: none, strengths: [1]}\n"),
+            ["line 3", "defenses[0].strengths", "takes no strengths"],
+        ),
+    ],
+    ids=[
+        "unknown-defense",
+        "negative-strength",
+        "missing-strengths",
+        "missing-defenses",
+        "unknown-backend",
+        "unknown-key",
+        "zero-epochs",
+        "yaml-syntax",
+        "none-with-strengths",
+    ],
+)
+def test_bad_config_exits_2_naming_key_and_line(tmp_path, capsys, text, expected):
+    code, out = run_cli(tmp_path, text)
+    err = capsys.readouterr().err
+    assert code == 2
+    flat = " ".join(err.split())
+    for fragment in expected:
+        assert fragment in flat, (fragment, err)
+    assert not out.exists(), "nothing may be written for an invalid configuration"
+
+
+def test_unknown_backend_on_command_line(tmp_path, capsys):
+    code, out = run_cli(tmp_path, GOOD, "--backend", "slurm")
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "--backend" in err and "'slurm'" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("where", ["file", "command-line"])
+def test_ray_not_installed(tmp_path, capsys, monkeypatch, where):
+    monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` raise ImportError
+    if where == "file":
+        code, out = run_cli(tmp_path, GOOD + "backend: ray\n")
+    else:
+        code, out = run_cli(tmp_path, GOOD, "--backend", "ray")
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2
+    assert "not installed" in err and "lightning-privacy[ray]" in err
+    assert ("line 10" in err) if where == "file" else ("--backend" in err)
+    assert not out.exists()
+
+
+def test_missing_config_file(tmp_path, capsys):
+    code = main(["sweep", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")])
+    assert code == 2 and "nope.yaml" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_good_config_expands_grid_in_order():
+    config = parse_sweep_config(GOOD)
+    assert [t.label for t in config.trials()] == [
+        "none",
+        "gaussian_noise=0.01",
+        "gaussian_noise=0.1",
+        "magnitude_pruning=0.5",
+    ]
+    assert config.settings["training"]["epochs"] == 1
+    assert config.settings["data"]["dataset"] == "digits"  # default filled in
+
+
+def test_fingerprint_changes_with_settings():
+    a = parse_sweep_config(GOOD).trials()[1]
+    b = parse_sweep_config(GOOD.replace("epochs: 1", "epochs: 2")).trials()[1]
+    assert a.label == b.label and a.trial_id != b.trial_id
+
+
+def test_duplicates_are_run_once():
+    text = "defenses:\n  - {name: gaussian_noise, strengths: [0.1, 0.1]}\n"
+    assert len(parse_sweep_config(text).trials()) == 1
+
+
+def test_error_carries_key_and_line():
+    with pytest.raises(SweepConfigError) as info:
+        parse_sweep_config(
+            "defenses:\n  - name: dpsgd\n    strengths: [1.0]\n    max_grad_norm: 0\n"
+        )
+    assert info.value.key == "defenses[0].max_grad_norm" and info.value.line == 4

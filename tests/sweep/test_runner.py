@@ -1,0 +1,149 @@
+"""Sweeps end to end: results.csv, Pareto PNGs, report, resume, kill-and-rerun."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lightning_privacy.sweep import parse_sweep_config
+from lightning_privacy.sweep.pareto import PARETO_PLOTS, pareto_front
+from lightning_privacy.sweep.runner import load_results, run_sweep
+
+PNG = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parents[2]
+
+TINY = """\
+name: tiny
+defenses:
+  - name: none
+  - name: gaussian_noise
+    strengths: [0.001, 0.1]
+  - name: magnitude_pruning
+    strengths: [0.5, 0.99]
+  - name: low_rank
+    strengths: [1]
+data: {image_size: 16, batch_size: 16}
+training: {epochs: 1, limit_train_batches: 3}
+audit: null
+leakage: null
+"""
+
+
+def test_pareto_front_is_the_non_dominated_set():
+    points = [(40.0, 0.9), (12.0, 0.85), (30.0, 0.8), (11.0, 0.3), (12.0, 0.2)]
+    front = pareto_front(points)
+    assert front == [3, 1, 0]
+    for i in set(range(len(points))) - set(front):
+        assert any(points[j][0] <= points[i][0] and points[j][1] >= points[i][1] for j in front)
+
+
+def test_six_trial_sweep_writes_csv_plots_and_report(tmp_path):
+    config = parse_sweep_config(TINY)
+    assert len(config.trials()) == 6
+    results = run_sweep(config, tmp_path, in_process=True, progress=False)
+    assert [r["status"] for r in results] == ["ok"] * 6
+    with open(tmp_path / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["trial_id"] for r in rows] == [t.trial_id for t in config.trials()]
+    assert all(0.0 <= float(r["val_acc"]) <= 1.0 for r in rows)
+    # the defenses really changed training: pruning 99 % of the gradient is not "none"
+    assert rows[0]["val_acc"] != rows[4]["val_acc"] or rows[0]["seconds"] != rows[4]["seconds"]
+    for name, *_ in PARETO_PLOTS:
+        assert (tmp_path / name).read_bytes()[:8] == PNG
+    html = (tmp_path / "report.html").read_text()
+    assert "Threat model" in html and "magnitude_pruning=0.99" in html
+    assert [r["trial_id"] for r in load_results(tmp_path)] == [r["trial_id"] for r in rows]
+
+
+def test_rerun_skips_finished_trials_and_reruns_failed_ones(tmp_path):
+    config = parse_sweep_config("defenses:\n  - {name: gaussian_noise, strengths: [1, 2, 3]}\n")
+    calls = []
+
+    def fake(spec, out):
+        from lightning_privacy.sweep.config import TrialSpec
+        from lightning_privacy.sweep.trial import RESULT_FILE, write_json_atomic
+
+        trial = TrialSpec.from_dict(spec)
+        calls.append(trial.strength)
+        if trial.strength == 3 and len(calls) <= 3:
+            return {"trial_id": trial.trial_id, "status": "failed: boom"}
+        result = {
+            "trial_id": trial.trial_id,
+            "fingerprint": trial.fingerprint,
+            "status": "ok",
+            "val_acc": 1 / trial.strength,
+            "label": trial.label,
+        }
+        (Path(out) / "trials" / trial.trial_id).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(out) / "trials" / trial.trial_id / RESULT_FILE, result)
+        return result
+
+    first = run_sweep(config, tmp_path, trial_fn=fake, in_process=True, progress=False)
+    assert calls == [1, 2, 3] and first[2]["status"].startswith("failed")
+    second = run_sweep(config, tmp_path, trial_fn=fake, in_process=True, progress=False)
+    assert calls == [1, 2, 3, 3], "only the failed trial runs again"
+    assert [r["status"] for r in second] == ["ok"] * 3
+
+
+def _finished(out: Path) -> set[str]:
+    return {p.parent.name for p in out.glob("trials/*/result.json")}
+
+
+def _starts(out: Path) -> list[str]:
+    log = out / "events.log"
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [line.split()[2] for line in lines if line.split()[1] == "start"]
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_redoing_finished_trials(tmp_path):
+    config = tmp_path / "sweep.yaml"
+    config.write_text(TINY.replace("strengths: [1]", "strengths: [1, 2]") + "workers: 1\n")
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_privacy",
+        "sweep",
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    try:
+        while len(_finished(out)) < 2:
+            assert proc.poll() is None, "the sweep ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_before = _finished(out)
+    starts_before = _starts(out)
+    assert 2 <= len(done_before) < 7
+    assert not (out / "results.csv").exists(), "the sweep was killed before the end"
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    starts_after = _starts(out)[len(starts_before) :]
+    assert not set(starts_after) & done_before, "a finished trial was run again"
+    assert len(_finished(out)) == 7
+    with open(out / "results.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 7
+    assert "skipped" in rerun.stdout + rerun.stderr
