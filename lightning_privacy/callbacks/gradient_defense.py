@@ -346,8 +346,12 @@ class GradientDefense(Callback):
             pl_module.log("defense/sparsity", sparsity, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ DDP communication hook
-    def _comm_hook(self, state: object, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    # No annotations on purpose: DDP compares them with `dist.GradBucket` and
+    # `Future[Tensor]` objects, and postponed (string) annotations would fail that check.
+    def _comm_hook(self, state, bucket):  # type: ignore[no-untyped-def]
         """DDP communication hook: defend this rank's bucket, divide by world size, all-reduce.
+
+        ``bucket`` is a ``torch.distributed.GradBucket``; returns a ``Future[Tensor]``.
 
         Global-view pipelines keep the buckets (returning a pending future per bucket) until the
         last one arrives, defend the whole local gradient, then all-reduce every bucket.
