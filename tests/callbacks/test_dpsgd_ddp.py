@@ -1,0 +1,112 @@
+"""2-process DDP DP-SGD on CPU (gloo): replicas stay identical, ε equals one process's."""
+
+import subprocess
+import sys
+import textwrap
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_privacy.callbacks.dpsgd import DPSGD
+from lightning_privacy.data import DigitsDataModule
+from lightning_privacy.models import LeNetDLG, LitClassifier
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, lightning as L
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.strategies import DDPStrategy
+    from lightning_privacy.callbacks.dpsgd import DPSGD
+    from lightning_privacy.data import DigitsDataModule
+    from lightning_privacy.models import LeNetDLG, LitClassifier
+
+    torch.set_num_threads(1)
+    out = sys.argv[1]
+
+
+    class Save(Callback):
+        # listed after DPSGD, so its teardown runs after DPSGD's (inside each worker)
+        def __init__(self, dp):
+            self.dp = dp
+
+        def teardown(self, trainer, pl_module, stage):
+            torch.save(
+                {
+                    "params": [p.detach().clone() for p in pl_module.parameters()],
+                    "epsilon": self.dp.epsilon, "steps": self.dp.accountant.steps,
+                    "sample_rate": self.dp.sample_rate, "delta": self.dp.delta,
+                    "world_size": trainer.world_size,
+                    "hooks_left": any(
+                        hasattr(m, "autograd_grad_sample_hooks") or len(m._forward_hooks) > 0
+                        for m in trainer.strategy.model.modules()
+                    ),
+                    "optimizer": type(trainer.optimizers[0]).__name__,
+                    "dp_optimizer": type(self.dp_opt).__name__,
+                },
+                f"{out}/rank{trainer.global_rank}.pt",
+            )
+
+        def on_train_end(self, trainer, pl_module):
+            self.dp_opt = trainer.optimizers[0]
+
+
+    if __name__ == "__main__":
+        L.seed_everything(0, verbose=False)
+        module = LitClassifier(LeNetDLG(channels=1, image_size=8), lr=0.5)
+        dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0)
+        trainer = L.Trainer(
+            accelerator="cpu", devices=2,
+            strategy=DDPStrategy(process_group_backend="gloo", start_method="fork"),
+            use_distributed_sampler=False, max_epochs=2, limit_train_batches=3,
+            limit_val_batches=0, callbacks=[dp, Save(dp)], logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        )
+        trainer.fit(module, DigitsDataModule(image_size=8, batch_size=64))
+    """
+)
+
+
+@pytest.mark.ddp
+def test_ddp_dpsgd_replicas_identical_and_epsilon_as_single_process(tmp_path, fast_trainer_kwargs):
+    script = tmp_path / "ddp_dpsgd.py"
+    script.write_text(SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["world_size"] == 2
+    for a, b in zip(r0["params"], r1["params"], strict=True):
+        assert torch.equal(a, b)
+    torch.manual_seed(0)
+    init = [p.detach() for p in LeNetDLG(channels=1, image_size=8).parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(r0["params"], init, strict=True))  # it trained
+    assert r0["steps"] == r1["steps"] == 6
+    assert r0["epsilon"] == r1["epsilon"]
+    assert not r0["hooks_left"] and not r1["hooks_left"]
+    assert r0["dp_optimizer"] == "DistributedDPOptimizer"  # noise on rank 0 only
+    assert r0["optimizer"] == "SGD"  # restored after fit
+
+    # the same global batch (64) in one process gives the same sample rate, steps and ε
+    single = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0)
+    trainer = L.Trainer(
+        callbacks=[single],
+        max_epochs=2,
+        limit_train_batches=3,
+        limit_val_batches=0,
+        **fast_trainer_kwargs,
+    )
+    trainer.fit(
+        LitClassifier(LeNetDLG(channels=1, image_size=8)),
+        DigitsDataModule(image_size=8, batch_size=64),
+    )
+    assert single.sample_rate == r0["sample_rate"]
+    assert single.delta == r0["delta"]
+    assert single.accountant.steps == 6
+    assert single.epsilon == r0["epsilon"]
