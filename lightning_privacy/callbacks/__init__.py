@@ -6,8 +6,10 @@ Example:
     True
 """
 
+from lightning_privacy.callbacks.dpsgd import DPSGD
 from lightning_privacy.callbacks.gradient_defense import GradientDefense
 
 __all__: list[str] = [
+    "DPSGD",
     "GradientDefense",
 ]
