@@ -8,6 +8,12 @@ Example:
     True
 """
 
+from lightning_privacy.functional.accounting import (
+    batch_clipping_epsilon,
+    batch_clipping_noise_multiplier,
+    dpsgd_epsilon,
+    dpsgd_noise_multiplier,
+)
 from lightning_privacy.functional.attacks import Reconstruction, deep_leakage, restore_labels
 from lightning_privacy.functional.defenses import (
     clip_by_global_norm,
@@ -22,8 +28,12 @@ from lightning_privacy.functional.gradients import parameter_gradients, select_p
 
 __all__ = [
     "Reconstruction",
+    "batch_clipping_epsilon",
+    "batch_clipping_noise_multiplier",
     "clip_by_global_norm",
     "deep_leakage",
+    "dpsgd_epsilon",
+    "dpsgd_noise_multiplier",
     "gaussian_noise",
     "global_norm",
     "laplace_noise",
