@@ -8,8 +8,10 @@ Example:
 
 from lightning_privacy.callbacks.dpsgd import DPSGD
 from lightning_privacy.callbacks.gradient_defense import GradientDefense
+from lightning_privacy.callbacks.leakage_monitor import LeakageMonitor
 
 __all__: list[str] = [
     "DPSGD",
     "GradientDefense",
+    "LeakageMonitor",
 ]

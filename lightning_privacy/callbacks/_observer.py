@@ -62,13 +62,23 @@ class ObserverSchedule:
         return n is not None and (epoch + 1) % n == 0
 
 
+def _val_source(trainer: L.Trainer) -> Any:
+    """The validation ``_DataLoaderSource`` (on the fit loop since Lightning 2.0)."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    source = getattr(getattr(loop, "val_loop", None), "_data_source", None)
+    if source is None:  # older layouts kept it on the data connector
+        connector = getattr(trainer, "_data_connector", None)
+        source = getattr(connector, "_val_dataloader_source", None)
+    return source
+
+
 def validation_batch(trainer: L.Trainer) -> Any:
     """The first batch of the validation data of ``trainer`` (datamodule, module or ``fit`` arg).
 
     Raises:
         ValueError: If the Trainer has no validation data.
     """
-    source = getattr(getattr(trainer, "_data_connector", None), "_val_dataloader_source", None)
+    source = _val_source(trainer)
     loader = source.dataloader() if source is not None and source.is_defined() else None
     if isinstance(loader, (list, tuple)):
         loader = loader[0] if loader else None
@@ -82,7 +92,7 @@ def validation_batch(trainer: L.Trainer) -> Any:
 
 def has_validation_data(trainer: L.Trainer) -> bool:
     """Whether ``trainer`` can provide a validation batch (checked before training)."""
-    source = getattr(getattr(trainer, "_data_connector", None), "_val_dataloader_source", None)
+    source = _val_source(trainer)
     return bool(source is not None and source.is_defined())
 
 
