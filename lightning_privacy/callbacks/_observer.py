@@ -35,6 +35,7 @@ from lightning_privacy.defenses.base import apply_transforms
 from lightning_privacy.functional.gradients import parameter_gradients, select_parameters
 
 if TYPE_CHECKING:
+    from lightning_privacy.callbacks.dpsgd import DPSGD
     from lightning_privacy.callbacks.gradient_defense import GradientDefense
 
 
@@ -112,12 +113,20 @@ def split_batch(batch: Any, num_samples: int) -> tuple[Tensor, Tensor]:
     return inputs[:num_samples], targets[:num_samples]
 
 
-def find_gradient_defense(trainer: L.Trainer) -> GradientDefense | None:
-    """The ``GradientDefense`` callback of ``trainer``, if any (the defense the attacker faces)."""
+def find_gradient_defense(trainer: L.Trainer) -> GradientDefense | DPSGD | None:
+    """The ``GradientDefense`` callback of ``trainer``, if any (the defense the attacker faces).
+
+    A ``DPSGD`` callback counts too: its ``transforms`` are the attacker's view of one example's
+    DP-SGD release (its gradient clipped to ``C``, plus ``N(0, (z C)^2)`` noise).
+    """
+    from lightning_privacy.callbacks.dpsgd import DPSGD
     from lightning_privacy.callbacks.gradient_defense import GradientDefense
 
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
         if isinstance(callback, GradientDefense):
+            return callback
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, DPSGD):
             return callback
     return None
 

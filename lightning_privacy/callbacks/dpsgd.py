@@ -83,6 +83,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from lightning_privacy._validation import check_choice, check_float, check_int
 from lightning_privacy.accountants.gaussian import GaussianMechanismAccountant
 from lightning_privacy.accountants.registry import create_accountant
+from lightning_privacy.defenses.base import GradientTransform
 from lightning_privacy.functional.accounting import check_delta, dpsgd_noise_multiplier
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
@@ -291,6 +292,30 @@ class DPSGD(Callback):
         return self.accountant.get_epsilon(self.delta)
 
     @property
+    def transforms(self) -> tuple[GradientTransform, ...]:
+        """The attacker's view of one example's DP-SGD release, as gradient transforms.
+
+        Sharing one example's gradient under DP-SGD reveals it clipped to ``C`` plus
+        ``N(0, (z C)^2)`` noise (the division by the batch size scales both alike), so
+        ``InversionAudit`` and ``LeakageMonitor`` attack ``[GradientClipping(C),
+        GaussianNoise(z C)]``. Before ``on_fit_start`` resolves a ``target_epsilon`` the noise is
+        unknown and reported as ``std=0.0``.
+
+        Example:
+            >>> DPSGD(max_grad_norm=0.5, noise_multiplier=2.0).transforms[1].std
+            1.0
+        """
+        from lightning_privacy.defenses.transforms import GaussianNoise, GradientClipping
+
+        std = (self.noise_multiplier or 0.0) * self.max_grad_norm
+        return (GradientClipping(max_norm=self.max_grad_norm), GaussianNoise(std=std))
+
+    @property
+    def layers(self) -> None:
+        """DP-SGD clips and noises every trainable parameter (``GradientDefense`` parity)."""
+        return None
+
+    @property
     def state_key(self) -> str:
         """One DPSGD per Trainer: its state is stored under the class name."""
         return "DPSGD"
@@ -348,6 +373,12 @@ class DPSGD(Callback):
                 f"precision={trainer.precision!r}: fp16 is not supported (with a GradScaler "
                 "Opacus's per-sample gradients stay scaled and would be clipped at scale * C; "
                 "pure fp16 underflows); use precision='bf16-mixed' or '32-true'"
+            )
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        if any(type(cb).__name__ == "GradientDefense" for cb in callbacks):
+            problems.append(
+                "a GradientDefense is in the Trainer too: the DP optimizer replaces the gradient "
+                "it defends (and its comm hook), so the two do not compose; use one of them"
             )
         if not pl_module.automatic_optimization:
             problems.append("manual optimization is not supported; use automatic optimization")

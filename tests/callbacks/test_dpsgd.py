@@ -310,3 +310,27 @@ def test_ghost_clipping_matches_hooks_and_needs_per_sample_losses(fast_trainer_k
     dp = DPSGD(max_grad_norm=0.1, noise_multiplier=1.0, grad_sample_mode="ghost")
     with pytest.raises(ValueError, match="reduction='none'"):
         fit([dp], fast_trainer_kwargs, **kw)
+
+
+def test_gradient_defense_does_not_compose(fast_trainer_kwargs):
+    from lightning_privacy.callbacks import GradientDefense
+    from lightning_privacy.defenses import GaussianNoise
+
+    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="GradientDefense"):
+        fit([dp, GradientDefense([GaussianNoise(std=0.1)])], fast_trainer_kwargs, max_epochs=1)
+
+
+def test_observers_see_the_dpsgd_release(fast_trainer_kwargs):
+    from lightning_privacy.callbacks._observer import find_gradient_defense
+    from lightning_privacy.defenses import GaussianNoise, GradientClipping
+
+    dp = DPSGD(max_grad_norm=0.5, target_epsilon=5.0, epochs=1)
+    assert dp.transforms[1].std == 0.0  # z unknown before fit
+    trainer = fit([dp], fast_trainer_kwargs, max_epochs=1, limit_train_batches=2)
+    assert find_gradient_defense(trainer) is dp
+    assert dp.layers is None
+    clip, noise = dp.transforms
+    assert clip == GradientClipping(max_norm=0.5)
+    assert noise == GaussianNoise(std=dp.noise_multiplier * 0.5)
+    assert noise.std > 0
