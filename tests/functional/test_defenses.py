@@ -183,3 +183,37 @@ def test_low_rank():
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("kind", ["normal", "sparse", "ties"])
+def test_kth_largest_matches_topk_on_large_inputs(kind):
+    from lightning_privacy.functional.defenses import kth_largest
+
+    g = _gen(3)
+    values = torch.randn(300_000, generator=g).abs()
+    if kind == "sparse":  # mostly exact zeros, as dead ReLU units give
+        values[torch.rand(300_000, generator=g) < 0.8] = 0.0
+    if kind == "ties":
+        values = torch.randint(0, 50, (300_000,), generator=g).float()
+    for k in (1, 17, 30_000, 150_000, 299_999, 300_000):
+        expected = torch.topk(values, k).values.min()
+        assert kth_largest(values, k) == expected, (kind, k)
+
+
+def test_magnitude_pruning_large_tensor_equals_topk_mask():
+    g = torch.randn(512, 300, generator=_gen(4))
+    out = magnitude_pruning([g], ratio=0.9)[0]
+    keep = g.numel() - math.floor(0.9 * g.numel())
+    idx = torch.topk(g.abs().flatten(), keep).indices
+    ref = torch.zeros_like(g).flatten()
+    ref[idx] = g.flatten()[idx]
+    assert torch.equal(out, ref.view_as(g))
+
+
+@pytest.mark.parametrize("shape", [(40, 5), (6, 50), (12, 4, 3, 3)])
+def test_low_rank_equals_truncated_svd(shape):
+    g = torch.randn(*shape, generator=_gen(5))
+    out = low_rank([g], rank=2)[0]
+    u, s, vh = torch.linalg.svd(g.reshape(shape[0], -1).double(), full_matrices=False)
+    best = ((u[:, :2] * s[:2]) @ vh[:2]).float().reshape(shape)
+    torch.testing.assert_close(out, best, rtol=1e-4, atol=1e-5)
