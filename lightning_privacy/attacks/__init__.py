@@ -8,6 +8,7 @@ Example:
 
 from lightning_privacy.attacks.base import ATTACKS, Attack, create_attack, list_attacks
 from lightning_privacy.attacks.dlg import IDLG, DeepLeakage
+from lightning_privacy.attacks.inverting import InvertingGradients
 from lightning_privacy.functional.attacks.common import Reconstruction
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "IDLG",
     "Attack",
     "DeepLeakage",
+    "InvertingGradients",
     "Reconstruction",
     "create_attack",
     "list_attacks",

@@ -93,3 +93,61 @@ def parameter_gradients(
         loss = loss_fn(outputs, targets)
         grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=create_graph)
     return dict(zip(leaves, grads, strict=True))
+
+
+def gradient_product_input_grad(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    vectors: Mapping[str, Tensor],
+    *,
+    loss_fn: LossFn,
+) -> Tensor:
+    """``d/dx <grad_theta L(x), v>``: the input gradient of a gradient-matching objective.
+
+    A gradient-matching attack needs ``J^T v`` with ``J = d(grad_theta L)/dx``. Instead of
+    differentiating through the backward pass (double backpropagation), this differentiates a
+    forward-mode directional derivative: ``<grad_theta L, v>`` is the derivative of ``L`` along
+    ``v`` in parameter space (``torch.func.jvp``), and its input gradient comes from one reverse
+    pass through that dual forward. Exact, and cheaper than double backward on CPU.
+
+    Args:
+        model: The module (read only; buffers are cloned).
+        inputs: Inputs ``x`` at which to evaluate.
+        targets: Second argument of ``loss_fn``.
+        vectors: ``{name: v}`` for the parameters in the product; other parameters are fixed.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``.
+
+    Returns:
+        A tensor shaped like ``inputs``.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 2)
+        >>> x, y = torch.rand(1, 3), torch.tensor([1])
+        >>> v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+        >>> ce = torch.nn.functional.cross_entropy
+        >>> fast = gradient_product_input_grad(model, x, y, v, loss_fn=ce)
+        >>> xr = x.clone().requires_grad_()
+        >>> g = parameter_gradients(model, xr, y, loss_fn=torch.nn.functional.cross_entropy,
+        ...                         create_graph=True)
+        >>> slow, = torch.autograd.grad(sum((g[n] * v[n]).sum() for n in g), xr)
+        >>> torch.allclose(fast, slow, atol=1e-6)
+        True
+    """
+    primals = {n: p.detach() for n, p in model.named_parameters() if n in vectors}
+    if len(primals) != len(vectors):
+        unknown = sorted(set(vectors) - set(primals))
+        raise ValueError(f"Expected `vectors` to name parameters of the model, but got {unknown}.")
+    fixed = {n: p.detach() for n, p in model.named_parameters() if n not in vectors}
+    tangents = {n: vectors[n].detach() for n in primals}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+
+    def directional(x: Tensor) -> Tensor:
+        def loss_at(params: dict[str, Tensor]) -> Tensor:
+            out = torch.func.functional_call(model, {**buffers, **fixed, **params}, (x,))
+            return loss_fn(out, targets)
+
+        return torch.func.jvp(loss_at, (primals,), (tangents,))[1]
+
+    with torch.enable_grad():
+        return torch.func.grad(directional)(inputs.detach())

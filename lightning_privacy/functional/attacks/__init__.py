@@ -15,11 +15,13 @@ from lightning_privacy.functional.attacks.common import (
     total_variation,
 )
 from lightning_privacy.functional.attacks.dlg import deep_leakage
+from lightning_privacy.functional.attacks.inverting import inverting_gradients
 
 __all__ = [
     "GradientMatcher",
     "Reconstruction",
     "deep_leakage",
+    "inverting_gradients",
     "observed_gradients_of",
     "resolve_gradients",
     "restore_labels",

@@ -155,8 +155,8 @@ class GradientMatcher:
         all_params = select_parameters(model)
         self.params = {n: all_params[n] for n in self.target}
         self.loss_fn = loss_fn
-        self._target_list = list(self.target.values())
-        self.target_norm = torch.sqrt(_total([(g * g).sum() for g in self._target_list]))
+        self.target_list = list(self.target.values())
+        self.target_norm = torch.sqrt(_total([(g * g).sum() for g in self.target_list]))
 
     def dummy(self, inputs: Tensor, targets: Tensor) -> list[Tensor]:
         """Gradient of the loss at ``(inputs, targets)`` with the graph kept (double backprop)."""
@@ -170,15 +170,22 @@ class GradientMatcher:
         )
         return list(grads.values())
 
+    def dummy_detached(self, inputs: Tensor, targets: Tensor) -> list[Tensor]:
+        """Gradient of the loss at ``(inputs, targets)`` without a graph (one backward pass)."""
+        grads = parameter_gradients(
+            self.model, inputs, targets, loss_fn=self.loss_fn, params=self.params
+        )
+        return [g.detach() for g in grads.values()]
+
     def l2(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """DLG's objective: ``sum_l ||g_l(x', y') - g*_l||^2``."""
         dummy = self.dummy(inputs, targets)
-        return _total([((d - t) ** 2).sum() for d, t in zip(dummy, self._target_list, strict=True)])
+        return _total([((d - t) ** 2).sum() for d, t in zip(dummy, self.target_list, strict=True)])
 
     def cosine(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """Inverting Gradients' objective: ``1 - <g', g*> / (||g'|| ||g*||)`` over all layers."""
         dummy = self.dummy(inputs, targets)
-        dot = _total([(d * t).sum() for d, t in zip(dummy, self._target_list, strict=True)])
+        dot = _total([(d * t).sum() for d, t in zip(dummy, self.target_list, strict=True)])
         norm = torch.sqrt(_total([(d * d).sum() for d in dummy]))
         return 1.0 - dot / (norm * self.target_norm).clamp_min(1e-30)
 
