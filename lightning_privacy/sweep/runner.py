@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import multiprocessing
+import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict
@@ -145,13 +146,14 @@ def _run_ray(
     On a cluster, start Ray first (``ray start``/``RAY_ADDRESS``) and the same call scales out;
     the trials write their results to ``out_dir``, which must then be on a shared file system.
     """
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own tables would break the bar
     import ray
     from ray import tune
 
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(
-            num_cpus=None if "RAY_ADDRESS" in __import__("os").environ else workers,
+            num_cpus=None if "RAY_ADDRESS" in os.environ else workers,
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
