@@ -574,6 +574,28 @@ class DPSGD(Callback):
         plugin.backward = backward  # type: ignore[method-assign,assignment]
         self._patched_plugin = plugin
 
+    # ------------------------------------------------------------------ per step
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Attach the per-sample-gradient hooks for this step's forward and backward."""
+        hooks = self._hooks
+        if hooks is not None and not hasattr(hooks, "autograd_grad_sample_hooks"):
+            hooks.add_hooks(
+                loss_reduction=hooks.loss_reduction,
+                batch_first=hooks.batch_first,
+                force_functorch=hooks.force_functorch,
+            )
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Detach the hooks once ``grad_sample`` is computed.
+
+        Between steps the module carries no Opacus hook, so observers (``InversionAudit``,
+        ``LeakageMonitor``) can run ``torch.func`` on it, and validation runs hook-free.
+        """
+        if self._hooks is not None:
+            self._hooks.remove_hooks()
+
     # ------------------------------------------------------------------ per epoch
     def _epsilon_after_one_more_epoch(self, trainer: L.Trainer) -> float:
         probe = create_accountant(self.accountant_name)

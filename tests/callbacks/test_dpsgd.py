@@ -334,3 +334,31 @@ def test_observers_see_the_dpsgd_release(fast_trainer_kwargs):
     assert clip == GradientClipping(max_norm=0.5)
     assert noise == GaussianNoise(std=dp.noise_multiplier * 0.5)
     assert noise.std > 0
+
+
+class FuncObserver(Callback):
+    """Like the observers: torch.func on the module between steps."""
+
+    def __init__(self):
+        self.hook_counts, self.grads = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.hook_counts.append(
+            sum(len(m._forward_hooks) + len(m._backward_hooks) for m in pl_module.modules())
+        )
+        params = {k: v.detach() for k, v in pl_module.named_parameters()}
+        x, y = batch[0][:2], batch[1][:2]
+
+        def loss(p):
+            return F.cross_entropy(torch.func.functional_call(pl_module, p, (x,)), y)
+
+        self.grads.append(torch.func.grad(loss)(params))
+
+
+def test_hooks_are_attached_only_during_the_step(fast_trainer_kwargs):
+    dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0)
+    obs = FuncObserver()
+    fit([dp, obs], fast_trainer_kwargs, max_epochs=1, limit_train_batches=3, limit_val_batches=0)
+    assert obs.hook_counts == [0, 0, 0]
+    assert len(obs.grads) == 3
+    assert dp.accountant.steps == 3
