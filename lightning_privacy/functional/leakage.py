@@ -86,7 +86,8 @@ class LeakageOperator:
             actually shared (mean cross-entropy by default).
         layers: Parameters whose gradient the attacker observes (regex or list, as
             ``GradientDefense(layers=)``); ``None`` for all trainable parameters.
-        chunk_size: Vectors per ``vmap`` call when many products are needed at once.
+        chunk_size: Vectors per ``vmap`` call when many products are needed at once; default:
+            as many as fit in about 64 MB of parameter-sized vectors (at most 256).
 
     Raises:
         TypeError: If ``inputs`` is not floating point (integer token ids have no gradient).
@@ -109,7 +110,7 @@ class LeakageOperator:
         *,
         loss_fn: LossFn = F.cross_entropy,
         layers: str | Sequence[str] | None = None,
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
     ) -> None:
         if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
             dtype = inputs.dtype if isinstance(inputs, Tensor) else type(inputs).__name__
@@ -120,10 +121,14 @@ class LeakageOperator:
                 "`embeddings = model.embed(tokens)` and estimate on a model that starts after "
                 "the embedding layer)."
             )
-        self.chunk_size = check_int("chunk_size", chunk_size, low=1)
         selected = select_parameters(model, layers)
         if not selected:
             raise ValueError("Expected the model to have trainable parameters, but it has none.")
+        if chunk_size is None:
+            chunk_size = max(
+                1, min(256, 2**24 // max(1, sum(p.numel() for p in selected.values())))
+            )
+        self.chunk_size = check_int("chunk_size", chunk_size, low=1)
         self.names = list(selected)
         self.shapes = [tuple(p.shape) for p in selected.values()]
         self.numels = [p.numel() for p in selected.values()]
