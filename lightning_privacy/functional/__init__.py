@@ -25,8 +25,16 @@ from lightning_privacy.functional.defenses import (
     random_pruning,
 )
 from lightning_privacy.functional.gradients import parameter_gradients, select_parameters
+from lightning_privacy.functional.leakage import (
+    LeakageOperator,
+    expected_gaussian_i2f,
+    i2f,
+    i2f_lower_bound,
+    predicted_psnr,
+)
 
 __all__ = [
+    "LeakageOperator",
     "Reconstruction",
     "batch_clipping_epsilon",
     "batch_clipping_noise_multiplier",
@@ -34,12 +42,16 @@ __all__ = [
     "deep_leakage",
     "dpsgd_epsilon",
     "dpsgd_noise_multiplier",
+    "expected_gaussian_i2f",
     "gaussian_noise",
     "global_norm",
+    "i2f",
+    "i2f_lower_bound",
     "laplace_noise",
     "low_rank",
     "magnitude_pruning",
     "parameter_gradients",
+    "predicted_psnr",
     "random_pruning",
     "restore_labels",
     "select_parameters",
