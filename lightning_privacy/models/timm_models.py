@@ -66,9 +66,15 @@ def build_timm_model(
         model.maxpool = nn.Identity()
         return model
     if name == "vit_tiny":
-        return timm.create_model(
+        model = timm.create_model(
             "vit_tiny_patch16_224", img_size=image_size, patch_size=4, depth=6, **common
         )
+        # The fused CPU attention kernel has no forward-mode derivative, which gradient-inversion
+        # attacks need; timm's explicit softmax attention computes the same function.
+        for module in model.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = False
+        return model
     return timm.create_model("convnext_atto", patch_size=2, **common)
 
 
