@@ -6,6 +6,7 @@ Example:
     'IDLG'
 """
 
+from lightning_privacy.attacks.analytic import AnalyticLinear, TokenLeakage
 from lightning_privacy.attacks.base import ATTACKS, Attack, create_attack, list_attacks
 from lightning_privacy.attacks.dlg import IDLG, DeepLeakage
 from lightning_privacy.attacks.inverting import InvertingGradients
@@ -14,10 +15,12 @@ from lightning_privacy.functional.attacks.common import Reconstruction
 __all__ = [
     "ATTACKS",
     "IDLG",
+    "AnalyticLinear",
     "Attack",
     "DeepLeakage",
     "InvertingGradients",
     "Reconstruction",
+    "TokenLeakage",
     "create_attack",
     "list_attacks",
 ]

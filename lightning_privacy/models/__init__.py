@@ -9,5 +9,14 @@ Example:
 from lightning_privacy.models.lenet import INITS, LeNetDLG, init_weights
 from lightning_privacy.models.lit import LitClassifier
 from lightning_privacy.models.resnet import resnet18_cifar
+from lightning_privacy.models.text import TinyTransformerLM, language_model_loss
 
-__all__ = ["INITS", "LeNetDLG", "LitClassifier", "init_weights", "resnet18_cifar"]
+__all__ = [
+    "INITS",
+    "LeNetDLG",
+    "LitClassifier",
+    "TinyTransformerLM",
+    "init_weights",
+    "language_model_loss",
+    "resnet18_cifar",
+]

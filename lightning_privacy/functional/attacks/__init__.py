@@ -6,6 +6,7 @@ Example:
     True
 """
 
+from lightning_privacy.functional.attacks.analytic import analytic_linear, token_leakage
 from lightning_privacy.functional.attacks.common import (
     GradientMatcher,
     Reconstruction,
@@ -20,10 +21,12 @@ from lightning_privacy.functional.attacks.inverting import inverting_gradients
 __all__ = [
     "GradientMatcher",
     "Reconstruction",
+    "analytic_linear",
     "deep_leakage",
     "inverting_gradients",
     "observed_gradients_of",
     "resolve_gradients",
     "restore_labels",
+    "token_leakage",
     "total_variation",
 ]
