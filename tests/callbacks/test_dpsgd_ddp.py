@@ -43,12 +43,18 @@ SCRIPT = textwrap.dedent(
                     ),
                     "optimizer": type(trainer.optimizers[0]).__name__,
                     "dp_optimizer": type(self.dp_opt).__name__,
+                    "local_grad": self.local_grad,
                 },
                 f"{out}/rank{trainer.global_rank}.pt",
             )
 
         def on_train_end(self, trainer, pl_module):
             self.dp_opt = trainer.optimizers[0]
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            # with DPSGD's no-op comm hook DDP does not all-reduce the unclipped gradient
+            if not hasattr(self, "local_grad"):
+                self.local_grad = next(pl_module.parameters()).grad.detach().clone()
 
 
     if __name__ == "__main__":
@@ -92,6 +98,8 @@ def test_ddp_dpsgd_replicas_identical_and_epsilon_as_single_process(tmp_path, fa
     assert not r0["hooks_left"] and not r1["hooks_left"]
     assert r0["dp_optimizer"] == "DistributedDPOptimizer"  # noise on rank 0 only
     assert r0["optimizer"] == "SGD"  # restored after fit
+    # DDP's own all-reduce is silenced: each rank's unclipped batch gradient stayed local
+    assert not torch.allclose(r0["local_grad"], r1["local_grad"])
 
     # the same global batch (64) in one process gives the same sample rate, steps and ε
     single = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0)
