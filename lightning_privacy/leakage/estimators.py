@@ -38,6 +38,8 @@ from lightning_privacy.functional.leakage import (
     GramFactorization,
     LanczosResult,
     LeakageOperator,
+    hutchinson_trace_inverse,
+    i2f_from_operator,
     lanczos_lambda_max,
     predicted_psnr,
 )
@@ -213,6 +215,8 @@ def estimate_leakage(
     defense_layers: str | Sequence[str] | None = None,
     data_range: float = 1.0,
     generator: torch.Generator | None = None,
+    method: str = "auto",
+    dense_limit: int = 4096,
 ) -> LeakageEstimate:
     """Estimate, per example shared alone, how well a perfect attacker rebuilds it under a defense.
 
@@ -233,6 +237,12 @@ def estimate_leakage(
             on the others. Default: all observed ones.
         data_range: Input value range for the predicted PSNR.
         generator: Source of the defense's randomness (and of the Lanczos start vectors).
+        method: ``"dense"`` (assemble and factorise ``J Jᵀ`` once per example: ``2 d_x`` batched
+            products, then every draw and the expectation are exact and cheap), ``"cg"``
+            (matrix-free: conjugate gradients per draw, Hutchinson's trace estimate with
+            ``num_delta_samples`` probes for ``"expected"``), or ``"auto"`` (dense when
+            ``d_x <= dense_limit``).
+        dense_limit: Largest per-example input size for the dense path under ``"auto"``.
 
     Returns:
         A :class:`LeakageEstimate`.
@@ -245,6 +255,8 @@ def estimate_leakage(
         0.0
     """
     check_choice("estimator", estimator, ESTIMATORS)
+    check_choice("method", method, ("auto", "dense", "cg"))
+    dense_limit = check_int("dense_limit", dense_limit, low=0)
     num_delta_samples = check_int("num_delta_samples", num_delta_samples, low=1)
     damping = check_float("damping", damping, low=0.0)
     data_range = check_float("data_range", data_range, low=0.0, low_open=True)
@@ -278,7 +290,7 @@ def estimate_leakage(
             bound = op.jvp(rows).reshape(len(rows), -1).to(torch.float64).norm(dim=-1) / run.value
             value = bound.mean()
             lower = value
-        else:
+        elif method == "dense" or (method == "auto" and op.input_dim <= dense_limit):
             fact = GramFactorization(op.gram(), spectrum=damping > 0)
             run = fact.lanczos(generator=lam_gen)
             if estimator == "exact":
@@ -294,6 +306,34 @@ def estimate_leakage(
                 value = torch.tensor(math.sqrt(sq), dtype=torch.float64)
                 # E‖Jδ‖² = ‖J b‖² + std² ‖J‖_F² = ‖J b‖² + std² tr(J Jᵀ)
                 jsq = float(jb.norm() ** 2) + std**2 * float(torch.trace(fact.gram))
+                lower = torch.tensor(math.sqrt(jsq) / run.value, dtype=torch.float64)
+        else:  # matrix-free: inputs too large to assemble J Jᵀ
+            run = lanczos_lambda_max(
+                op.gram_matvec, op.input_dim, generator=lam_gen, device=op.gradient.device
+            )
+            if estimator == "exact":
+                rows = _delta_rows(op, transforms, defended, num_delta_samples, generator)
+                res = i2f_from_operator(op, rows, damping=damping, method="cg")
+                value = res.value.mean()
+                lower = (res.jdelta_norm / run.value).mean()
+            else:
+                bias = _delta_rows(op, deterministic, defended, 1, generator)
+                res = i2f_from_operator(op, bias, damping=damping, method="cg")
+                trace = hutchinson_trace_inverse(
+                    op, num_probes=num_delta_samples, damping=damping, generator=generator
+                )
+                value = torch.tensor(
+                    math.sqrt(float(res.value[0]) ** 2 + std**2 * trace), dtype=torch.float64
+                )
+                probes = (
+                    torch.randint(0, 2, (num_delta_samples, op.input_dim), generator=generator).to(
+                        torch.float64
+                    )
+                    * 2
+                    - 1
+                )
+                frob = sum(float(z @ op.gram_matvec(z).double()) for z in probes) / len(probes)
+                jsq = float(res.jdelta_norm[0]) ** 2 + std**2 * frob
                 lower = torch.tensor(math.sqrt(jsq) / run.value, dtype=torch.float64)
         values.append(value)
         bounds.append(lower)

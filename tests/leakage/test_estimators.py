@@ -179,3 +179,35 @@ def test_bad_arguments(data):
         estimate_leakage(model, x, y, transforms=[Scale(0.5)], estimator="expected")
     with pytest.raises(TypeError, match="batch"):
         calibrate_noise(model, x, target_psnr=20.0)
+
+
+def test_matrix_free_path_matches_dense(data):
+    model = net()
+    x, y = data
+    kwargs = dict(transforms=[Scale(0.95)], num_delta_samples=1)
+    dense = estimate_leakage(model, x[:2], y[:2], **kwargs)
+    cg = estimate_leakage(model, x[:2], y[:2], method="cg", **kwargs)
+    assert torch.allclose(cg.per_sample_i2f, dense.per_sample_i2f, rtol=1e-4)
+    assert torch.allclose(cg.lambda_max, dense.lambda_max, rtol=1e-5)
+    auto = estimate_leakage(model, x[:2], y[:2], dense_limit=0, **kwargs)
+    assert torch.allclose(auto.per_sample_i2f, dense.per_sample_i2f, rtol=1e-4)
+
+
+@needs_noise
+def test_matrix_free_expected_uses_hutchinson(data):
+    model = net()
+    x, y = data
+    kwargs = dict(transforms=[GaussianNoise(std=1e-3)], estimator="expected")
+    dense = estimate_leakage(model, x[:1], y[:1], **kwargs)
+    cg = estimate_leakage(
+        model,
+        x[:1],
+        y[:1],
+        method="cg",
+        num_delta_samples=300,
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
+    )
+    ratio = float(cg.per_sample_i2f[0] / dense.per_sample_i2f[0])
+    assert 0.8 < ratio < 1.2
+    assert 0.8 < float(cg.per_sample_lower_bound[0] / dense.per_sample_lower_bound[0]) < 1.2
