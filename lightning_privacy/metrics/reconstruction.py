@@ -60,10 +60,8 @@ def reconstruction_metrics(
     scores: dict[str, float] = image_metrics(inputs, true_inputs, data_range=data_range)
     scores["label_acc"] = label_accuracy(labels, true_labels)
     if lpips_available() and inputs.dim() == 4 and min(inputs.shape[-2:]) >= 16:
-        try:
+        with contextlib.suppress(Exception):
             scores["lpips"] = lpips_distance(inputs, true_inputs, data_range=data_range)
-        except Exception:
-            pass
     return scores
 
 
