@@ -204,7 +204,7 @@ def test_matrix_free_expected_uses_hutchinson(data):
         x[:1],
         y[:1],
         method="cg",
-        num_delta_samples=300,
+        num_delta_samples=100,
         generator=torch.Generator().manual_seed(0),
         **kwargs,
     )
