@@ -17,8 +17,15 @@ The file::
     data: {dataset: digits, image_size: 32, batch_size: 64}
     model: {name: lenet, optimizer: adam, lr: 0.003}
     training: {epochs: 2, seed: 0}
-    audit: {attack: deep_leakage, num_samples: 1}    # attack: null disables the audit
-    leakage: {estimator: exact}                      # leakage: null disables the monitor
+    audit:                         # InversionAudit; `audit: null` disables it
+      attack: deep_leakage         # any name of lightning_privacy.attacks
+      num_samples: 1
+      every_n_epochs: 1
+      options: {max_iterations: 100}   # the attack's hyperparameters
+    leakage:                       # LeakageMonitor (I²F); `leakage: null` disables it
+      estimator: exact
+      num_samples: 1
+      every_n_epochs: 1
     backend: local                                    # or ray
     workers: 1
 
@@ -79,8 +86,19 @@ _SECTIONS: dict[str, dict[str, Any]] = {
     "data": {"dataset": "digits", "image_size": 32, "batch_size": 64, "val_fraction": 0.2},
     "model": {"name": "lenet", "optimizer": "adam", "lr": 0.003, "init": "uniform"},
     "training": {"epochs": 2, "seed": 0, "limit_train_batches": None},
-    "audit": {"attack": "deep_leakage", "num_samples": 1, "max_seconds": None, "options": {}},
-    "leakage": {"estimator": "exact", "num_delta_samples": 1},
+    "audit": {
+        "attack": "deep_leakage",
+        "num_samples": 1,
+        "every_n_epochs": 1,
+        "max_seconds": None,
+        "options": {},
+    },
+    "leakage": {
+        "estimator": "exact",
+        "num_samples": 1,
+        "num_delta_samples": 1,
+        "every_n_epochs": 1,
+    },
 }
 _TOP_LEVEL = ("name", "defenses", "backend", "workers", *_SECTIONS)
 
@@ -404,9 +422,22 @@ def _check_settings(doc: _Located, data: dict[str, Any]) -> dict[str, Any]:
             positive=True,
             optional=True,
         )
+        _check_number(
+            doc,
+            "audit.every_n_epochs",
+            audit["every_n_epochs"],
+            name="every_n_epochs",
+            integer=True,
+            positive=True,
+        )
         _check_mapping(doc, audit["options"], "audit.options")
         _check_attack(doc, audit["attack"])
     leakage = settings["leakage"]
+    if leakage is not None:
+        for key in ("num_samples", "num_delta_samples", "every_n_epochs"):
+            _check_number(
+                doc, f"leakage.{key}", leakage[key], name=key, integer=True, positive=True
+            )
     if leakage is not None and leakage["estimator"] not in ESTIMATORS:
         allowed = ", ".join(repr(c) for c in ESTIMATORS)
         raise doc.error(

@@ -112,7 +112,7 @@ def build_callbacks(spec: TrialSpec) -> tuple[list[Any], list[str]]:
             callbacks.append(
                 audit(
                     attack,
-                    every_n_epochs=1,
+                    every_n_epochs=int(audit_settings["every_n_epochs"]),
                     num_samples=int(audit_settings["num_samples"]),
                     max_seconds=audit_settings.get("max_seconds"),
                     seed=int(settings["training"]["seed"]),
@@ -126,7 +126,8 @@ def build_callbacks(spec: TrialSpec) -> tuple[list[Any], list[str]]:
         else:
             callbacks.append(
                 monitor(
-                    every_n_epochs=1,
+                    every_n_epochs=int(leakage_settings["every_n_epochs"]),
+                    num_samples=int(leakage_settings["num_samples"]),
                     estimator=leakage_settings["estimator"],
                     num_delta_samples=int(leakage_settings["num_delta_samples"]),
                     seed=int(settings["training"]["seed"]),
