@@ -54,6 +54,7 @@ class DeepLeakage(Attack):
         init: ``"uniform"`` (in ``box``) or ``"randn"``.
         box: Valid input range, or ``None``.
         tol: Relative matching loss (``loss / ||g*||^2``) that counts as converged.
+        max_seconds: Wall-time bound for the whole attack, or ``None``.
 
     Example:
         >>> import torch
@@ -78,6 +79,7 @@ class DeepLeakage(Attack):
     init: str = "uniform"
     box: tuple[float, float] | None = (0.0, 1.0)
     tol: float = 1e-8
+    max_seconds: float | None = None
 
     label_strategy = "joint"
 
@@ -90,6 +92,8 @@ class DeepLeakage(Attack):
         check_choice("init", self.init, INITS)
         check_choice("line_search", self.line_search, (True, False))
         check_float("tol", self.tol, low=0.0)
+        if self.max_seconds is not None:
+            check_float("max_seconds", self.max_seconds, low=0.0, low_open=True)
         _check_box(self.box)
 
     @classmethod
@@ -126,6 +130,7 @@ class DeepLeakage(Attack):
             box=self.box,
             tol=self.tol,
             label_strategy=self.label_strategy,
+            max_seconds=self.max_seconds,
             generator=generator,
         )
 

@@ -8,10 +8,12 @@ Example:
 
 from lightning_privacy.callbacks.dpsgd import DPSGD
 from lightning_privacy.callbacks.gradient_defense import GradientDefense
+from lightning_privacy.callbacks.inversion_audit import InversionAudit
 from lightning_privacy.callbacks.leakage_monitor import LeakageMonitor
 
 __all__: list[str] = [
     "DPSGD",
     "GradientDefense",
+    "InversionAudit",
     "LeakageMonitor",
 ]

@@ -164,7 +164,7 @@ def lpips_distance(
     value = learned_perceptual_image_patch_similarity(
         rec,
         tgt,
-        net_type=net_type,
-        normalize=True,  # type: ignore[arg-type]
+        net_type=net_type,  # type: ignore[arg-type]
+        normalize=True,
     )
     return float(value)

@@ -90,6 +90,7 @@ def deep_leakage(
     box: tuple[float, float] | None = (0.0, 1.0),
     tol: float = 1e-8,
     label_strategy: str = "joint",
+    max_seconds: float | None = None,
     generator: Generator | None = None,
 ) -> Reconstruction:
     """Reconstruct inputs (and labels) from an observed gradient by L2 gradient matching.
@@ -113,6 +114,7 @@ def deep_leakage(
             ``tol * ||g*||^2`` (relative, so that it means the same for any gradient scale).
         label_strategy: Without ``labels``: ``"joint"`` (DLG, soft labels optimised) or
             ``"idlg"`` (read from the last layer's gradient, then fixed).
+        max_seconds: Stop (keeping the best trial so far) after this wall time, or ``None``.
         generator: Source of the random starts.
 
     Returns:
@@ -182,7 +184,7 @@ def deep_leakage(
             if current < threshold:
                 break
             stalled = stalled + 1 if abs(last - current) <= 1e-12 * max(1.0, abs(last)) else 0
-            if stalled >= 3:
+            if stalled >= 3 or _out_of_time(start, max_seconds):
                 break
             last = current
         targets = F.softmax(y_logits, -1) if y_logits is not None else fixed
@@ -195,7 +197,7 @@ def deep_leakage(
         if best is None or final < best[0]:
             guess = y_logits.detach().argmax(-1) if y_logits is not None else targets
             best = (final, x.detach().clone(), guess.clone(), history)
-        if final < threshold:
+        if final < threshold or _out_of_time(start, max_seconds):
             break
     assert best is not None  # restarts >= 1 is validated by the caller
     _, inputs, guess, history = best
@@ -219,3 +221,7 @@ def _num_outputs(model: nn.Module, matcher: GradientMatcher, shape: tuple[int, .
     with torch.no_grad():
         out = torch.func.functional_call(model, {**buffers, **params}, (torch.zeros(shape),))
     return int(out.shape[-1])
+
+
+def _out_of_time(start: float, max_seconds: float | None) -> bool:
+    return max_seconds is not None and time.perf_counter() - start > max_seconds
