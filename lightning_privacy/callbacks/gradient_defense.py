@@ -132,6 +132,12 @@ class GradientDefense(Callback):
         TypeError: For transforms that are not ``GradientTransform`` or ill-typed settings.
         ValueError: For invalid settings, ``max_epsilon`` without the formal pipeline, and (at
             ``setup``/``on_fit_start``) unsupported strategies or ``layers`` matching nothing.
+
+    Example:
+        >>> from lightning_privacy.defenses import MagnitudePruning
+        >>> defense = GradientDefense(MagnitudePruning(ratio=0.9), layers=r"^model\\.fc\\.")
+        >>> defense.transforms, defense.placement, defense.formal
+        ((MagnitudePruning(ratio=0.9, scope='per_tensor'),), 'auto', None)
     """
 
     def __init__(
@@ -183,6 +189,7 @@ class GradientDefense(Callback):
         )
         self._pending: list[tuple[Tensor, list[Tensor], torch.futures.Future[Tensor]]] = []
         self._stats: dict[str, Tensor] = {}
+        self._local_gen: Generator | None = None
         self._accountant: Any = None
         self._accountant_state: dict[str, Any] | None = None
         self._delta: float | None = None
@@ -452,6 +459,8 @@ class GradientDefense(Callback):
         state: dict[str, Any] = {"seed": self._base_seed}
         if self._accountant is not None:
             state["accountant"] = self._accountant.state_dict()
+        elif self._accountant_state is not None:
+            state["accountant"] = self._accountant_state
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
