@@ -59,7 +59,7 @@ h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-to
 table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em;
 text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 .grid{display:flex;flex-wrap:wrap;gap:1em}.grid figure{margin:0}figcaption{font-size:.8em;
-color:#555}img{max-width:100%}.note{color:#666;font-size:.85em}code{background:#f5f5f5}
+color:#555}img{max-width:100%}img.recon{min-width:220px;image-rendering:pixelated}.note{color:#666;font-size:.85em}code{background:#f5f5f5}
 """
 
 
@@ -260,7 +260,7 @@ def render_report(
         )
         for caption, uri in grids:
             parts.append(
-                f"<figure><img alt='{html.escape(caption)}' src='{uri}'>"
+                f"<figure><img class='recon' alt='{html.escape(caption)}' src='{uri}'>"
                 f"<figcaption>{html.escape(caption)}</figcaption></figure>"
             )
         parts.append("</div>")

@@ -348,6 +348,15 @@ def _threat_model(callbacks: list[Any]) -> dict[str, Any]:
             value = getattr(callback, attr, None)
             if isinstance(value, Mapping):
                 info.update({str(k): v for k, v in value.items()})
+        history = getattr(callback, "history", None)
+        if isinstance(history, list):
+            recorded = [
+                h["threat_model"]
+                for h in history
+                if isinstance(h, Mapping) and isinstance(h.get("threat_model"), Mapping)
+            ]
+            if recorded:
+                info.update({str(k): v for k, v in recorded[-1].items()})
         info.setdefault("callbacks", []).append(type(callback).__name__)
     return json.loads(json.dumps(info, default=str))
 
