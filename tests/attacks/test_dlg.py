@@ -142,3 +142,12 @@ def test_gradient_shape_mismatch_is_a_clear_error():
         resolve_gradients(model, [torch.zeros(1)])
     with pytest.raises(ValueError, match="shape"):
         resolve_gradients(model, {"fc.bias": torch.zeros(3)})
+
+
+def test_batch_label_counts_with_repeats():
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    for y in ([2, 2, 5], [0, 3, 3, 3, 9], [1, 4, 8]):
+        labels = torch.tensor(y)
+        grads = observed_gradients_of(head, torch.rand(len(y), 6, generator=_gen(len(y))), labels)
+        assert restore_labels(head, grads, len(y)).tolist() == sorted(y)

@@ -237,7 +237,12 @@ def restore_labels(model: nn.Module, gradients: Gradients, num_samples: int) -> 
     * One sample (iDLG, Zhao et al., 2020): the true class is the only row of the last weight
       gradient with a negative sum (``dL/dz_c = p_c - 1[c = y]`` times non-negative features);
       with a bias, its gradient is ``dL/dz`` itself and the negative entry is the label.
-    * A batch (GradInversion, Yin et al., CVPR 2021, Breaching's ``yin`` strategy): the
+    * A batch with a bias (count estimate, the idea of Breaching's ``bias-corrected`` strategy):
+      the mean-reduced bias gradient is ``db_c = pbar_c - n_c / B``; classes absent from the batch
+      have ``db_c = pbar_c > 0``, so their mean estimates the softmax mass ``pbar`` of the present
+      ones, ``n_c ~ B (pbar - db_c)``, rounded by largest remainders to sum to ``B``. Handles
+      repeated labels.
+    * A batch without a bias (GradInversion, Yin et al., CVPR 2021, Breaching's ``yin``): the
       ``num_samples`` classes whose weight-gradient rows have the most negative minimum; exact for
       distinct labels and non-negative features.
 
@@ -255,13 +260,28 @@ def restore_labels(model: nn.Module, gradients: Gradients, num_samples: int) -> 
     if num_samples == 1:
         row = target[bias] if bias is not None else target[weight].sum(dim=1)
         return row.argmin().reshape(1)
+    if bias is not None:
+        return _count_labels(target[bias], num_samples)
     minima = target[weight].min(dim=1).values
-    if num_samples > minima.numel():
-        # Repeated labels: fill the rest with the most negative classes again (best effort).
-        order = minima.argsort()
-        reps = (num_samples + minima.numel() - 1) // minima.numel()
-        return order.repeat(reps)[:num_samples].sort().values
-    return minima.argsort()[:num_samples].sort().values
+    order = minima.argsort()
+    reps = (num_samples + minima.numel() - 1) // minima.numel()
+    return order.repeat(reps)[:num_samples].sort().values
+
+
+def _count_labels(bias_grad: Tensor, num_samples: int) -> Tensor:
+    """Label counts from a mean-reduced bias gradient (see :func:`restore_labels`)."""
+    db = bias_grad.double()
+    absent = db > 0
+    pbar = db[absent].mean() if bool(absent.any()) else torch.zeros((), dtype=db.dtype)
+    counts = (num_samples * (pbar - db)).clamp_min(0.0)
+    if float(counts.sum()) <= 0:
+        counts = (-db).clamp_min(0.0) + 1e-12
+    counts = counts * (num_samples / counts.sum())
+    whole = counts.floor()
+    remainder = int(num_samples - whole.sum())
+    if remainder > 0:
+        whole[(counts - whole).argsort(descending=True)[:remainder]] += 1
+    return torch.repeat_interleave(torch.arange(len(db)), whole.long())
 
 
 def check_num_samples(num_samples: Any) -> int:
