@@ -151,3 +151,50 @@ def gradient_product_input_grad(
 
     with torch.enable_grad():
         return torch.func.grad(directional)(inputs.detach())
+
+
+class CachedGradient:
+    """``parameter_gradients`` for many inputs at fixed weights, with the copies made once.
+
+    Attacks evaluate the gradient thousands of times at the same weights; this detaches the
+    parameters and clones the buffers once. *All* parameters are replaced by detached copies
+    (only ``names`` require grad), so a backward pass through the result never reaches the
+    model, whichever subset is differentiated.
+
+    Args:
+        model: The module (read only).
+        names: Parameters to differentiate (default: all trainable ones), in output order.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 3)
+        >>> grad = CachedGradient(model, ["bias"])
+        >>> g = grad(torch.randn(2, 4), torch.tensor([0, 2]),
+        ...          loss_fn=torch.nn.functional.cross_entropy)
+        >>> [t.shape for t in g], model.bias.grad is None
+        ([torch.Size([3])], True)
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str] | None = None) -> None:
+        self.model = model
+        self.names = list(select_parameters(model)) if names is None else list(names)
+        chosen = set(self.names)
+        self.params = {
+            n: p.detach().requires_grad_(n in chosen) for n, p in model.named_parameters()
+        }
+        missing = chosen - set(self.params)
+        if missing:
+            raise ValueError(f"Expected parameter names of the model, but got {sorted(missing)}.")
+        self.leaves = [self.params[n] for n in self.names]
+        self.buffers = {n: b.clone() for n, b in model.named_buffers()}
+
+    def __call__(
+        self, inputs: Tensor, targets: Tensor, *, loss_fn: LossFn, create_graph: bool = False
+    ) -> list[Tensor]:
+        """Gradients of ``loss_fn(model(inputs), targets)`` w.r.t. the chosen parameters."""
+        with torch.enable_grad():
+            outputs = torch.func.functional_call(
+                self.model, {**self.buffers, **self.params}, (inputs,)
+            )
+            loss = loss_fn(outputs, targets)
+            grads = torch.autograd.grad(loss, self.leaves, create_graph=create_graph)
+        return list(grads)

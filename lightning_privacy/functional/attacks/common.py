@@ -26,7 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_privacy.functional.gradients import parameter_gradients, select_parameters
+from lightning_privacy.functional.gradients import (
+    CachedGradient,
+    parameter_gradients,
+    select_parameters,
+)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Gradients = Sequence[Tensor] | Mapping[str, Tensor]
@@ -155,27 +159,17 @@ class GradientMatcher:
         all_params = select_parameters(model)
         self.params = {n: all_params[n] for n in self.target}
         self.loss_fn = loss_fn
+        self._grad = CachedGradient(model, list(self.target))
         self.target_list = list(self.target.values())
         self.target_norm = torch.sqrt(_total([(g * g).sum() for g in self.target_list]))
 
     def dummy(self, inputs: Tensor, targets: Tensor) -> list[Tensor]:
         """Gradient of the loss at ``(inputs, targets)`` with the graph kept (double backprop)."""
-        grads = parameter_gradients(
-            self.model,
-            inputs,
-            targets,
-            loss_fn=self.loss_fn,
-            params=self.params,
-            create_graph=True,
-        )
-        return list(grads.values())
+        return self._grad(inputs, targets, loss_fn=self.loss_fn, create_graph=True)
 
     def dummy_detached(self, inputs: Tensor, targets: Tensor) -> list[Tensor]:
         """Gradient of the loss at ``(inputs, targets)`` without a graph (one backward pass)."""
-        grads = parameter_gradients(
-            self.model, inputs, targets, loss_fn=self.loss_fn, params=self.params
-        )
-        return [g.detach() for g in grads.values()]
+        return [g.detach() for g in self._grad(inputs, targets, loss_fn=self.loss_fn)]
 
     def l2(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """DLG's objective: ``sum_l ||g_l(x', y') - g*_l||^2``."""
