@@ -67,6 +67,9 @@ def test_products_match_dense_jacobian(setup):
     assert rel(op.jt(v), J.T @ v) < 1e-10
     assert rel(op.gram_matvec(v), J @ (J.T @ v)) < 1e-10
     assert rel(op.gram(), J @ J.T) < 1e-10
+    assert rel(op.gram(row_budget=0), J @ J.T) < 1e-10  # two-pass, no rows of J held
+    small = LeakageOperator(model, x, y, chunk_size=5)  # ragged last chunk
+    assert rel(small.gram(), J @ J.T) < 1e-10 and rel(small.gram(row_budget=0), J @ J.T) < 1e-10
     batch = torch.stack([delta, 2 * delta, -delta])
     assert rel(op.jvp(batch).reshape(3, -1), batch @ J.T) < 1e-10
 
