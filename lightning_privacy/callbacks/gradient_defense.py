@@ -102,7 +102,7 @@ def derive_seed(seed: int, stream: int, step: int) -> int:
 
 
 class GradientDefense(Callback):
-    """Defend the gradient of every optimizer step with a pipeline of gradient transforms.
+    r"""Defend the gradient of every optimizer step with a pipeline of gradient transforms.
 
     Args:
         transforms: One :class:`~lightning_privacy.defenses.GradientTransform` or a sequence,
@@ -135,7 +135,7 @@ class GradientDefense(Callback):
 
     Example:
         >>> from lightning_privacy.defenses import MagnitudePruning
-        >>> defense = GradientDefense(MagnitudePruning(ratio=0.9), layers=r"^model\\.fc\\.")
+        >>> defense = GradientDefense(MagnitudePruning(ratio=0.9), layers=r"^model\.fc\.")
         >>> defense.transforms, defense.placement, defense.formal
         ((MagnitudePruning(ratio=0.9, scope='per_tensor'),), 'auto', None)
     """

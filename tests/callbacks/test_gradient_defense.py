@@ -378,3 +378,27 @@ def test_unsupported_strategies_named():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         defense.setup(fake, Tiny(), "validate")  # only fitting is checked
+
+
+def test_epsilon_resumes_from_checkpoint(fast_trainer_kwargs, tmp_path):
+    kw = {**fast_trainer_kwargs, "limit_train_batches": 2, "max_steps": -1}
+    pipeline = [GradientClipping(max_norm=1.0), GaussianNoise(std=4.0)]
+    trainer = L.Trainer(callbacks=[GradientDefense(pipeline, seed=0)], max_epochs=2, **kw)
+    trainer.fit(Tiny(), loader())
+    ckpt = tmp_path / "epoch2.ckpt"
+    trainer.save_checkpoint(ckpt)
+    resumed = L.Trainer(callbacks=[GradientDefense(pipeline, seed=0)], max_epochs=4, **kw)
+    resumed.fit(Tiny(), loader(), ckpt_path=ckpt)
+    straight = L.Trainer(callbacks=[GradientDefense(pipeline, seed=0)], max_epochs=4, **kw)
+    straight.fit(Tiny(), loader())
+    eps = resumed.callback_metrics["privacy/epsilon"].item()
+    assert eps == straight.callback_metrics["privacy/epsilon"].item()
+    assert eps > trainer.callback_metrics["privacy/epsilon"].item()
+
+
+@pytest.mark.parametrize("placement", ["local", "aggregate"])
+def test_ddp_placements_mean_single_in_one_process(fast_trainer_kwargs, placement):
+    defense = GradientDefense(GaussianNoise(std=0.1), placement=placement)
+    assert defense.placement == placement
+    fit(fast_trainer_kwargs, [defense])
+    assert defense.placement == "single"
