@@ -50,6 +50,18 @@ optimised objective is the mean). A module that returns a vector also works in t
 (the callback back-propagates the mean) but not without ``DPSGD``. Ghost mode is single-device for
 now.
 
+Observers
+---------
+Opacus's hooks are attached only from ``on_train_batch_start`` to ``on_after_backward``, so between
+steps the module is hook-free and ``InversionAudit`` / ``LeakageMonitor`` can run ``torch.func``
+on it. They attack what DP-SGD reveals about one example (:attr:`DPSGD.transforms`): its gradient
+clipped to ``C`` plus ``N(0, (z C)^2)``.
+
+Lightning internals used (no public API exists for them): the train loader is swapped through
+``trainer.fit_loop._data_source``; ghost mode and per-sample losses wrap the precision plugin's
+``backward`` (an instance attribute, removed in ``teardown``); the DDP check reads
+``trainer._accelerator_connector.use_distributed_sampler``.
+
 Logged keys: ``privacy/epsilon``, ``privacy/delta``, ``privacy/noise_multiplier``,
 ``privacy/sample_rate`` (once per epoch, on every rank alike).
 
