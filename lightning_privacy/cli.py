@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train on embedded digits with and without defenses")
-    demo.add_argument("--epochs", type=int, default=3, help="training epochs per configuration")
+    demo.add_argument("--epochs", type=int, default=10, help="training epochs per configuration")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--dataset", default="digits", choices=("digits", "lfw"))
     demo.add_argument("--out", default=None, help="run directory (default runs/demo-<time>)")
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def demo_config_text(
-    *, epochs: int, seed: int, dataset: str = "digits", quick: bool = False
+    *, epochs: int, seed: int, dataset: str = "digits", quick: bool = False, image_size: int = 16
 ) -> str:
     """The sweep configuration of the demo, as YAML.
 
@@ -83,15 +83,26 @@ def demo_config_text(
     config = {
         "name": "demo",
         "defenses": [dict(d) for d in DEMO_DEFENSES],
-        "data": {"dataset": dataset, "image_size": 32, "batch_size": 64},
+        "data": {"dataset": dataset, "image_size": image_size, "batch_size": 64},
         "model": {"name": "lenet", "optimizer": "adam", "lr": 0.003, "init": "uniform"},
         "training": {
             "epochs": 1 if quick else epochs,
             "seed": seed,
             "limit_train_batches": 3 if quick else None,
         },
-        "audit": {"attack": "deep_leakage", "num_samples": 1},
-        "leakage": {"estimator": "exact", "num_delta_samples": 1},
+        "audit": {
+            "attack": "deep_leakage",
+            "num_samples": 1,
+            "every_n_epochs": 1 if quick else epochs,
+            "max_seconds": 30.0,
+            "options": {"max_iterations": 5} if quick else {},
+        },
+        "leakage": {
+            "estimator": "exact",
+            "num_samples": 1,
+            "num_delta_samples": 1,
+            "every_n_epochs": 1 if quick else max(1, epochs // 5),
+        },
     }
     return yaml.safe_dump(config, sort_keys=False)
 
@@ -175,9 +186,11 @@ def run_demo(
         run_dir,
         in_process=True,
         console=console,
-        title=f"lightning-privacy demo: {dataset}, LeNet, CPU",
+        title=f"lightning-privacy demo: {dataset} at 16 px, LeNet, CPU",
     )
-    console.print(results_table(results, f"lightning-privacy demo: {dataset}, LeNet, CPU"))
+    console.print(
+        results_table(results, f"lightning-privacy demo: {dataset} at 16 px, LeNet, 1 CPU thread")
+    )
     note = _missing_note(results)
     if note:
         console.print(Text(note, style="yellow"))

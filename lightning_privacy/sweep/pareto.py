@@ -93,7 +93,7 @@ def plot_pareto(
         points.append((x, y))
         labels.append(str(row.get("label", "")))
         defenses.append(str(row.get("defense", "")))
-    fig, ax = plt.subplots(figsize=(6.0, 4.2), dpi=90)
+    fig, ax = plt.subplots(figsize=(5.6, 4.0), dpi=80)
     colours = {d: plt.cm.tab10(i % 10) for i, d in enumerate(dict.fromkeys(defenses))}
     for (x, y), label, defense in zip(points, labels, defenses, strict=True):
         ax.scatter(x, y, color=colours[defense], s=36, zorder=3)
