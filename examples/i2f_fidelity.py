@@ -12,12 +12,14 @@ with the exact, undamped I2F ‖(J Jᵀ)⁻¹ J δ‖ computed by ``lightning_pr
 3. δ along eigenvectors of J Jᵀ (right singular vectors of J), equal ‖δ‖: error vs c / √λ.
 4. Initialisation: uniform vs normal vs kaiming vs xavier under the same Gaussian defense.
 5. Pruning: I2F of the ``MagnitudePruning`` residual vs the attack on the pruned gradient.
+6. Unfairness: predicted PSNR per digit class under one Gaussian defense (I2F only).
 
 The full run uses 10 faces for 1-2 and 4 faces for 3-5 with a modest attack budget (the machine is
 shared): about 80 attacks of a few seconds each on one CPU thread.
 
     python examples/i2f_fidelity.py           # full run (~10 min on one thread)
     python examples/i2f_fidelity.py --quick   # smoke run
+    python examples/i2f_fidelity.py --sections 6   # only check 6
 """
 
 from __future__ import annotations
@@ -105,7 +107,9 @@ def main() -> None:
     parser.add_argument("--faces", type=int, default=10)
     parser.add_argument("--faces-small", type=int, default=4, help="faces for checks 3-5")
     parser.add_argument("--attack-steps", type=int, default=60)
+    parser.add_argument("--sections", default="123456", help="which checks to run, e.g. 36")
     args = parser.parse_args()
+    sections = args.sections
     torch.set_num_threads(1)
     n_faces = 2 if args.quick else args.faces
     n_small = 2 if args.quick else args.faces_small
@@ -124,139 +128,196 @@ def main() -> None:
         f"DeepLeakage L-BFGS <= {steps} steps x 20 evaluations\n"
     )
 
-    # 1-2: fixed sigma, ranking and calibration
-    rows1, rows2, all_ratios = [], [], []
-    for level in levels:
-        sigma = level * g_med / math.sqrt(d_theta)  # ‖δ‖ ≈ level x median ‖g‖
-        errs, i2fs, norms, bounds, rels = [], [], [], [], []
-        for k, s in enumerate(samples):
-            z = torch.randn(d_theta, generator=torch.Generator().manual_seed(1000 + k))
-            delta = sigma * z
-            errs.append(s.attack(delta, steps, seed=k))
-            i2fs.append(s.i2f(delta))
-            norms.append(float(delta.norm()))
-            bounds.append(s.bound(delta))
-            rels.append(float(delta.norm() / s.g.norm()))
-        ratios = [e / i for e, i in zip(errs, i2fs, strict=True)]
-        all_ratios.append((level, rels, ratios))
-        rows1.append(
-            [
-                f"{sigma:.2e}",
-                f"{min(rels):.3f}-{max(rels):.3f}",
-                f"{rho(i2fs, errs):.2f}",
-                f"{rho(norms, errs):.2f}",
-                f"{rho(bounds, errs):.2f}",
-                f"{statistics.median(b / i for b, i in zip(bounds, i2fs, strict=True)):.1e}",
-            ]
-        )
-        inside = sum(0.8 <= r <= 1.25 for r in ratios)
-        rows2.append(
-            [
-                f"{sigma:.2e}",
-                f"{min(rels):.3f}-{max(rels):.3f}",
-                f"{statistics.mean(ratios):.2f} ± {statistics.pstdev(ratios):.2f}",
-                f"{min(ratios):.2f}-{max(ratios):.2f}",
-                f"{inside}/{len(ratios)}",
-                f"{statistics.mean(psnr(e) for e in errs):.1f}",
-                f"{statistics.mean(psnr(i) for i in i2fs):.1f}",
-            ]
-        )
-    print("## 1. Rank correlation across faces at fixed sigma (Spearman, attack L2 error vs ...)\n")
-    table(["sigma", "‖δ‖/‖g‖", "I2F (exact)", "‖δ‖ alone", "lower bound", "bound / I2F"], rows1)
-    print("## 2. Calibration: attack L2 error ÷ I2F\n")
-    table(
-        ["sigma", "‖δ‖/‖g‖", "mean ± sd", "range", "in [0.8, 1.25]", "attack PSNR", "pred. PSNR"],
-        rows2,
-    )
-
-    # 3: eigenvector directions
-    rows3, pred3, err3 = [], [], []
-    for k, i in enumerate(faces[:n_small]):
-        s = Sample(model, images[i : i + 1], labels[i : i + 1], spectrum=True)
-        lam = s.fact.eigenvalues
-        assert lam is not None and s.fact.eigenvectors is not None
-        d_x = len(lam)
-        picks = [int(q * d_x) for q in (0.75, 0.5, 0.25, 0.05)]  # ascending spectrum
-        scale = 2.0 * math.sqrt(float(lam[picks[-1]]))  # largest predicted error 2.0
-        for j in picks:
-            u = s.fact.eigenvectors[:, j].float()
-            v = s.op.jt(u)
-            v = v / v.norm()  # right singular vector of J: unit δ direction
-            delta = scale * v
-            predicted = scale / math.sqrt(float(lam[j]))
-            err = s.attack(delta, steps, seed=k)
-            pred3.append(predicted)
-            err3.append(err)
-            rows3.append(
+    if "1" in sections or "2" in sections:
+        # 1-2: fixed sigma, ranking and calibration
+        rows1, rows2, all_ratios = [], [], []
+        for level in levels:
+            sigma = level * g_med / math.sqrt(d_theta)  # ‖δ‖ ≈ level x median ‖g‖
+            errs, i2fs, norms, bounds, rels = [], [], [], [], []
+            for k, s in enumerate(samples):
+                z = torch.randn(d_theta, generator=torch.Generator().manual_seed(1000 + k))
+                delta = sigma * z
+                errs.append(s.attack(delta, steps, seed=k))
+                i2fs.append(s.i2f(delta))
+                norms.append(float(delta.norm()))
+                bounds.append(s.bound(delta))
+                rels.append(float(delta.norm() / s.g.norm()))
+            ratios = [e / i for e, i in zip(errs, i2fs, strict=True)]
+            all_ratios.append((level, rels, ratios))
+            rows1.append(
                 [
-                    str(i),
-                    f"{float(lam[j]):.2e}",
-                    f"{predicted:.3f}",
-                    f"{s.i2f(delta):.3f}",
-                    f"{err:.3f}",
-                    f"{err / predicted:.2f}",
+                    f"{sigma:.2e}",
+                    f"{min(rels):.3f}-{max(rels):.3f}",
+                    f"{rho(i2fs, errs):.2f}",
+                    f"{rho(norms, errs):.2f}",
+                    f"{rho(bounds, errs):.2f}",
+                    f"{statistics.median(b / i for b, i in zip(bounds, i2fs, strict=True)):.1e}",
                 ]
             )
-    print("## 3. δ along eigenvectors of J Jᵀ, equal ‖δ‖: attack error vs c/√λ\n")
-    table(["face", "λ", "c/√λ", "I2F", "attack err", "err / (c/√λ)"], rows3)
-    slope = _loglog_slope(pred3, err3)
-    print(
-        f"Spearman(err, c/√λ) = {rho(pred3, err3):.2f}; log-log slope = {slope:.2f} (1 = exact)\n"
-    )
+            inside = sum(0.8 <= r <= 1.25 for r in ratios)
+            rows2.append(
+                [
+                    f"{sigma:.2e}",
+                    f"{min(rels):.3f}-{max(rels):.3f}",
+                    f"{statistics.mean(ratios):.2f} ± {statistics.pstdev(ratios):.2f}",
+                    f"{min(ratios):.2f}-{max(ratios):.2f}",
+                    f"{inside}/{len(ratios)}",
+                    f"{statistics.mean(psnr(e) for e in errs):.1f}",
+                    f"{statistics.mean(psnr(i) for i in i2fs):.1f}",
+                ]
+            )
+        print(
+            "## 1. Rank correlation across faces at fixed sigma "
+            "(Spearman, attack L2 error vs ...)\n"
+        )
+        table(["sigma", "‖δ‖/‖g‖", "I2F (exact)", "‖δ‖ alone", "lower bound", "bound / I2F"], rows1)
+        print("## 2. Calibration: attack L2 error ÷ I2F\n")
+        table(
+            [
+                "sigma",
+                "‖δ‖/‖g‖",
+                "mean ± sd",
+                "range",
+                "in [0.8, 1.25]",
+                "attack PSNR",
+                "pred. PSNR",
+            ],
+            rows2,
+        )
 
-    # 4: initialisation
-    rows4 = []
-    sigma4 = 0.03 * g_med / math.sqrt(d_theta)
-    for init in ("uniform", "normal", "kaiming", "xavier"):
-        m = build_model(init)
-        i2fs, errs = [], []
+    if "3" in sections:
+        # 3: eigenvector directions
+        rows3, pred3, err3 = [], [], []
         for k, i in enumerate(faces[:n_small]):
-            s = Sample(m, images[i : i + 1], labels[i : i + 1])
-            delta = sigma4 * torch.randn(d_theta, generator=torch.Generator().manual_seed(2000 + k))
-            i2fs.append(s.i2f(delta))
-            errs.append(s.attack(delta, steps, seed=k))
-        rows4.append(
-            [
-                init,
-                f"{statistics.mean(i2fs):.3f}",
-                f"{statistics.mean(errs):.3f}",
-                f"{statistics.mean(psnr(i) for i in i2fs):.1f}",
-                f"{statistics.mean(psnr(e) for e in errs):.1f}",
-            ]
+            s = Sample(model, images[i : i + 1], labels[i : i + 1], spectrum=True)
+            lam = s.fact.eigenvalues
+            assert lam is not None and s.fact.eigenvectors is not None
+            d_x = len(lam)
+            picks = [int(q * d_x) for q in (0.75, 0.5, 0.25, 0.05)]  # ascending spectrum
+            scale = 2.0 * math.sqrt(float(lam[picks[-1]]))  # largest predicted error 2.0
+            for j in picks:
+                u = s.fact.eigenvectors[:, j].float()
+                v = s.op.jt(u)
+                v = v / v.norm()  # right singular vector of J: unit δ direction
+                delta = scale * v
+                predicted = scale / math.sqrt(float(lam[j]))
+                err = s.attack(delta, steps, seed=k)
+                pred3.append(predicted)
+                err3.append(err)
+                rows3.append(
+                    [
+                        str(i),
+                        f"{float(lam[j]):.2e}",
+                        f"{predicted:.3f}",
+                        f"{s.i2f(delta):.3f}",
+                        f"{err:.3f}",
+                        f"{err / predicted:.2f}",
+                    ]
+                )
+        print("## 3. δ along eigenvectors of J Jᵀ, equal ‖δ‖: attack error vs c/√λ\n")
+        table(["face", "λ", "c/√λ", "I2F", "attack err", "err / (c/√λ)"], rows3)
+        slope = _loglog_slope(pred3, err3)
+        print(
+            f"Spearman(err, c/√λ) = {rho(pred3, err3):.2f}; "
+            f"log-log slope = {slope:.2f} (1 = exact)\n"
         )
-    print(f"## 4. Initialisation, same Gaussian defense sigma = {sigma4:.2e}\n")
-    table(["init", "mean I2F", "mean attack err", "pred. PSNR", "attack PSNR"], rows4)
 
-    # 5: pruning
-    rows5 = []
-    for ratio in (0.1, 0.5) if args.quick else (0.1, 0.3, 0.5):
-        prune = MagnitudePruning(ratio=ratio)
-        i2fs, errs, rels = [], [], []
-        for k, s in enumerate(samples[:n_small]):
-            grads = [
-                t.reshape(sh)
-                for t, sh in zip(torch.split(s.g, s.op.numels), s.op.shapes, strict=True)
-            ]
-            delta = torch.cat([d.reshape(-1) for d in defense_delta([prune], grads)])
-            i2fs.append(s.i2f(delta))
-            errs.append(s.attack(delta, steps, seed=k))
-            rels.append(float(delta.norm() / s.g.norm()))
-        rows5.append(
-            [
-                f"{ratio:.1f}",
-                f"{statistics.mean(rels):.3f}",
-                f"{statistics.mean(i2fs):.3f}",
-                f"{statistics.mean(errs):.3f}",
-                f"{statistics.mean(e / i for e, i in zip(errs, i2fs, strict=True)):.2f}",
-                f"{rho(i2fs, errs):.2f}",
-            ]
+    if "4" in sections:
+        # 4: initialisation
+        rows4 = []
+        sigma4 = 0.03 * g_med / math.sqrt(d_theta)
+        for init in ("uniform", "normal", "kaiming", "xavier"):
+            m = build_model(init)
+            i2fs, errs = [], []
+            for k, i in enumerate(faces[:n_small]):
+                s = Sample(m, images[i : i + 1], labels[i : i + 1])
+                delta = sigma4 * torch.randn(
+                    d_theta, generator=torch.Generator().manual_seed(2000 + k)
+                )
+                i2fs.append(s.i2f(delta))
+                errs.append(s.attack(delta, steps, seed=k))
+            rows4.append(
+                [
+                    init,
+                    f"{statistics.mean(i2fs):.3f}",
+                    f"{statistics.mean(errs):.3f}",
+                    f"{statistics.mean(psnr(i) for i in i2fs):.1f}",
+                    f"{statistics.mean(psnr(e) for e in errs):.1f}",
+                ]
+            )
+        print(f"## 4. Initialisation, same Gaussian defense sigma = {sigma4:.2e}\n")
+        table(["init", "mean I2F", "mean attack err", "pred. PSNR", "attack PSNR"], rows4)
+
+    if "5" in sections:
+        # 5: pruning
+        rows5 = []
+        for ratio in (0.1, 0.5) if args.quick else (0.1, 0.3, 0.5):
+            prune = MagnitudePruning(ratio=ratio)
+            i2fs, errs, rels = [], [], []
+            for k, s in enumerate(samples[:n_small]):
+                grads = [
+                    t.reshape(sh)
+                    for t, sh in zip(torch.split(s.g, s.op.numels), s.op.shapes, strict=True)
+                ]
+                delta = torch.cat([d.reshape(-1) for d in defense_delta([prune], grads)])
+                i2fs.append(s.i2f(delta))
+                errs.append(s.attack(delta, steps, seed=k))
+                rels.append(float(delta.norm() / s.g.norm()))
+            rows5.append(
+                [
+                    f"{ratio:.1f}",
+                    f"{statistics.mean(rels):.3f}",
+                    f"{statistics.mean(i2fs):.3f}",
+                    f"{statistics.mean(errs):.3f}",
+                    f"{statistics.mean(e / i for e, i in zip(errs, i2fs, strict=True)):.2f}",
+                    f"{rho(i2fs, errs):.2f}",
+                ]
+            )
+        print("## 5. Magnitude pruning: I2F of the residual vs the attack on the pruned gradient\n")
+        table(
+            ["pruned fraction", "‖δ‖/‖g‖", "mean I2F", "mean attack err", "err / I2F", "Spearman"],
+            rows5,
         )
-    print("## 5. Magnitude pruning: I2F of the residual vs the attack on the pruned gradient\n")
-    table(
-        ["pruned fraction", "‖δ‖/‖g‖", "mean I2F", "mean attack err", "err / I2F", "Spearman"],
-        rows5,
-    )
+    if "6" in sections:
+        unfairness(n_faces)
+
     print(f"total time {time.perf_counter() - started:.0f} s on one CPU thread")
+
+
+def unfairness(n_per_class: int) -> None:
+    """Per-class predicted PSNR on digits under one Gaussian defense (no attack needed)."""
+    from lightning_privacy.data import load_digits_tensors
+    from lightning_privacy.defenses import GaussianNoise
+    from lightning_privacy.leakage import estimate_leakage
+
+    images, labels = load_digits_tensors(image_size=32, channels=1)
+    picks = torch.cat([torch.nonzero(labels == c).flatten()[:n_per_class] for c in range(10)])
+    torch.manual_seed(0)
+    model = LeNetDLG(num_classes=10, channels=1, image_size=32, init="uniform").eval()
+    std = 2e-3
+    est = estimate_leakage(
+        model,
+        images[picks],
+        labels[picks],
+        transforms=[GaussianNoise(std=std)],
+        estimator="expected",
+    )
+    rows = []
+    for c in range(10):
+        p = est.predicted_psnr[est.targets == c]
+        rows.append(
+            [str(c), f"{float(p.mean()):.1f}", f"{float(p.min()):.1f}", f"{float(p.max()):.1f}"]
+        )
+    print(
+        f"## 6. Unfairness: predicted PSNR per digit class, GaussianNoise(std={std}), "
+        f"{n_per_class} digits per class (expected I2F, no attack)\n"
+    )
+    table(["class", "mean", "min", "max"], rows)
+    print(
+        f"batch mean {est.mean_predicted_psnr:.1f} dB; worst class "
+        f"{est.worst_class_predicted_psnr:.1f} dB; worst sample "
+        f"{est.worst_sample_predicted_psnr:.1f} dB\n"
+    )
 
 
 def _loglog_slope(x, y):
