@@ -18,8 +18,14 @@ CALLBACK_ARGS = {
         "--trainer.callbacks.transforms+=lightning_privacy.defenses.MagnitudePruning",
         "--trainer.callbacks.transforms.ratio=0.5",
     ],
-    "InversionAudit": ["--trainer.callbacks.attack=deep_leakage"],
-    "LeakageMonitor": ["--trainer.callbacks.estimator=exact"],
+    "InversionAudit": [
+        "--trainer.callbacks.attack=lightning_privacy.attacks.DeepLeakage",
+        "--trainer.callbacks.attack.max_iterations=2",
+    ],
+    "LeakageMonitor": [
+        "--trainer.callbacks.estimator=exact",
+        "--trainer.callbacks.num_samples=1",
+    ],
     "DPSGD": ["--trainer.callbacks.max_grad_norm=1.0", "--trainer.callbacks.noise_multiplier=1.0"],
 }
 
@@ -46,17 +52,33 @@ def _fast(tmp_path):
     ]
 
 
+def _small_config(tmp_path):
+    """The example config with a 2-iteration attack (the rest unchanged)."""
+    import yaml
+
+    config = yaml.safe_load(CONFIG.read_text())
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("InversionAudit"):
+            callback["init_args"]["attack"]["init_args"]["max_iterations"] = 2
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _no_pytest_argv(monkeypatch):
     monkeypatch.setattr("sys.argv", ["lightning_cli.py"])
 
 
 def test_example_config_fits(tmp_path):
-    cli = _cli_main()(["fit", "--config", str(CONFIG), *_fast(tmp_path)])
+    cli = _cli_main()(["fit", "--config", str(_small_config(tmp_path)), *_fast(tmp_path)])
     defense = next(c for c in cli.trainer.callbacks if type(c).__name__ == "GradientDefense")
     assert [type(t).__name__ for t in defense.transforms] == ["GradientClipping", "GaussianNoise"]
     assert defense.transforms[1].std == 0.01
-    assert "val/acc" in cli.trainer.callback_metrics
+    names = [type(c).__name__ for c in cli.trainer.callbacks]
+    assert {"GradientDefense", "InversionAudit", "LeakageMonitor"} <= set(names)
+    metrics = cli.trainer.callback_metrics
+    assert {"val/acc", "attack/psnr", "leakage/predicted_psnr"} <= set(metrics)
 
 
 @pytest.mark.parametrize("name", sorted(CALLBACK_ARGS))
