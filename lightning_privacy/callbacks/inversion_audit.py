@@ -309,7 +309,11 @@ class InversionAudit(Callback):
                 logger.log_image(key="attack/reconstruction", images=[grid], step=step)
                 sent = True
         if not sent:
-            folder = Path(trainer.log_dir or trainer.default_root_dir) / "inversion_audit"
+            # Not ``trainer.log_dir``: it broadcasts, a collective that only rank 0 would enter.
+            log_dir = next(
+                (lg.log_dir for lg in trainer.loggers if getattr(lg, "log_dir", None)), None
+            )
+            folder = Path(log_dir or trainer.default_root_dir) / "inversion_audit"
             folder.mkdir(parents=True, exist_ok=True)
             save_image(grid, folder / f"step_{step:07d}.png")
 
