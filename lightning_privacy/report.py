@@ -59,7 +59,7 @@ h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-to
 table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em;
 text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 .grid{display:flex;flex-wrap:wrap;gap:1em}.grid figure{margin:0}figcaption{font-size:.8em;
-color:#555}img{max-width:100%}img.recon{min-width:220px;image-rendering:pixelated}.note{color:#666;font-size:.85em}code{background:#f5f5f5}
+color:#555}img{max-width:100%}img.recon{min-width:150px;image-rendering:pixelated}.note{color:#666;font-size:.85em}code{background:#f5f5f5}
 """
 
 
@@ -136,10 +136,9 @@ def _pareto_images(run_dir: Path, results: Sequence[Mapping[str, Any]]) -> list[
     ok = [r for r in results if r.get("status", "ok") == "ok"]
     for name, key, label, log_x in PARETO_PLOTS:
         path = run_dir / name
-        if not path.is_file():
-            if not any(r.get(key) not in (None, "") for r in ok):
-                continue
-            plot_pareto(ok, key, label, path, log_x=log_x)
+        if not any(r.get(key) not in (None, "") for r in ok):
+            continue
+        plot_pareto(ok, key, label, path, log_x=log_x)  # (re)drawn from the current results
         images.append((f"accuracy vs {label}", path.read_bytes()))
     return images
 
@@ -234,6 +233,18 @@ def render_report(
     failed = [r for r in results if str(r.get("status", "ok")).startswith("failed")]
     for r in failed:
         parts.append(f"<p class='note'>{_fmt(r.get('label'))}: {_fmt(r.get('status'))}</p>")
+    grids = _reconstruction_images(run_dir, results, images_per_trial)
+    if grids:
+        parts.append(
+            "<h2>Reconstructions</h2><p class='note'>Held-out images (truth) next to what the "
+            "simulated attacker rebuilt from the defended gradient.</p><div class='grid'>"
+        )
+        for caption, uri in grids:
+            parts.append(
+                f"<figure><img class='recon' alt='{html.escape(caption)}' src='{uri}'>"
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
+        parts.append("</div>")
     pareto = _pareto_images(run_dir, results)
     if pareto:
         parts.append("<h2>Privacy-utility Pareto front</h2><div class='grid'>")
@@ -252,29 +263,27 @@ def render_report(
                 f"<figcaption>{html.escape(caption)}</figcaption></figure>"
             )
         parts.append("</div>")
-    grids = _reconstruction_images(run_dir, results, images_per_trial)
-    if grids:
-        parts.append(
-            "<h2>Reconstructions</h2><p class='note'>Held-out images (truth) next to what the "
-            "simulated attacker rebuilt from the defended gradient.</p><div class='grid'>"
-        )
-        for caption, uri in grids:
-            parts.append(
-                f"<figure><img class='recon' alt='{html.escape(caption)}' src='{uri}'>"
-                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-            )
-        parts.append("</div>")
     parts.append(f"<h2>Threat model</h2><p>{THREAT_MODEL}</p>")
     parts.append(_threat_table(results))
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
+def _stored_title(run_dir: Path) -> str:
+    """The title the sweep or demo recorded in ``sweep.json``, else a generic one."""
+    import json
+
+    try:
+        return str(json.loads((run_dir / "sweep.json").read_text())["title"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "lightning-privacy report"
+
+
 def write_report(
     run_dir: str | Path,
     *,
     results: Sequence[Mapping[str, Any]] | None = None,
-    title: str = "lightning-privacy report",
+    title: str | None = None,
     path: str | Path | None = None,
 ) -> Path:
     """Write ``report.html`` for ``run_dir`` (results read from it unless given) and return it.
@@ -289,6 +298,8 @@ def write_report(
         from lightning_privacy.sweep.runner import load_results
 
         results = load_results(run_dir)
+    if title is None:
+        title = _stored_title(run_dir)
     target = Path(path) if path is not None else run_dir / "report.html"
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_text(render_report(run_dir, results, title=title), encoding="utf-8")

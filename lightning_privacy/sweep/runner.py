@@ -226,7 +226,8 @@ def run_sweep(
     console = console or Console(stderr=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "sweep.json", asdict(config))
+    title = title or f"lightning-privacy sweep: {config.name}"
+    write_json_atomic(out / "sweep.json", {**asdict(config), "title": title})
     specs = config.trials()
     results: dict[str, dict[str, Any]] = {}
     for spec in specs:
@@ -259,7 +260,7 @@ def run_sweep(
     write_pareto_plots([r for r in ordered if r.get("status") == "ok"], out)
     from lightning_privacy.report import write_report
 
-    write_report(out, results=ordered, title=title or f"lightning-privacy sweep: {config.name}")
+    write_report(out, results=ordered, title=title)
     return ordered
 
 
