@@ -142,3 +142,19 @@ def test_error_carries_key_and_line():
             "defenses:\n  - name: dpsgd\n    strengths: [1.0]\n    max_grad_norm: 0\n"
         )
     assert info.value.key == "defenses[0].max_grad_norm" and info.value.line == 4
+
+
+def test_example_sweep_config_is_valid():
+    from pathlib import Path
+
+    from lightning_privacy.sweep import load_sweep_config
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "configs" / "sweep_digits.yaml"
+    config = load_sweep_config(path)
+    assert len(config.trials()) >= 6
+    assert {t.defense for t in config.trials()} == {
+        "none",
+        "gaussian_noise",
+        "magnitude_pruning",
+        "dpsgd",
+    }
