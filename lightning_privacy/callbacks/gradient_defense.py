@@ -38,7 +38,7 @@ Example:
     >>> from lightning_privacy.data import DigitsDataModule
     >>> from lightning_privacy.defenses import GaussianNoise, GradientClipping
     >>> from lightning_privacy.models import LeNetDLG, LitClassifier
-    >>> defense = GradientDefense([GradientClipping(max_norm=1.0), GaussianNoise(std=0.01)], seed=0)
+    >>> defense = GradientDefense([GradientClipping(max_norm=1.0), GaussianNoise(std=2.0)], seed=0)
     >>> trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0,
     ...                     callbacks=[defense], logger=False, enable_progress_bar=False,
     ...                     enable_checkpointing=False, enable_model_summary=False)
@@ -46,6 +46,9 @@ Example:
     >>> trainer.fit(module, DigitsDataModule(image_size=16, batch_size=16))
     >>> defense.placement, "defense/perturbation_norm" in trainer.callback_metrics
     ('single', True)
+    >>> epsilon = trainer.callback_metrics["privacy/epsilon"].item()  # one epoch, sigma = 2
+    >>> 1.0 < epsilon < 10.0
+    True
 """
 
 from __future__ import annotations
