@@ -39,17 +39,24 @@ STD = 0.1
 
 
 class Net(L.LightningModule):
-    def __init__(self):
+    def __init__(self, manual=False):
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 4))
+        self.automatic_optimization = not manual
 
     def forward(self, x):
         return self.net(x)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        return F.cross_entropy(self(x), y)
+        loss = F.cross_entropy(self(x), y)
+        if not self.automatic_optimization:
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+        return loss
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=1.0)
@@ -118,7 +125,9 @@ def data():
     return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
 
 
-def run(name, defense, *, steps=2, expected_fn=None, bucket_cap_mb=None, **trainer_kw):
+def run(
+    name, defense, *, steps=2, expected_fn=None, bucket_cap_mb=None, manual=False, **trainer_kw
+):
     probe = Probe(expected_fn)
     strategy_kw = {"process_group_backend": "gloo"}
     if bucket_cap_mb is not None:
@@ -136,7 +145,7 @@ def run(name, defense, *, steps=2, expected_fn=None, bucket_cap_mb=None, **train
         num_sanity_val_steps=0,
         **trainer_kw,
     )
-    module = Net()
+    module = Net(manual=manual)
     trainer.fit(module, data())
     seg = segments(module)
     report = {"replicas_identical": probe.replicas_identical, "steps": []}
@@ -195,6 +204,9 @@ def scenario(name):
         plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
         defense = GradientDefense(GradientClipping(max_norm=0.05))
         return run(name, defense, steps=1, plugins=[plugin])
+    if name == "manual":
+        defense = CountingDefense(GaussianNoise(std=STD), seed=3)
+        return run(name, defense, steps=2, manual=True)
     if name == "bf16":
         defense = GradientDefense(GaussianNoise(std=STD))
         return run(name, defense, steps=1, precision="bf16-mixed")

@@ -30,6 +30,7 @@ SCENARIOS = [
     "fp16_noise",
     "fp16_clip",
     "bf16",
+    "manual",
 ]
 STD = 0.1
 WORLD = 2
@@ -124,3 +125,11 @@ def test_fp16_grad_scaler_noise_and_clipping_in_true_units(report):
 def test_bf16(report):
     assert report["bf16"]["replicas_identical"]
     assert 0.8 < weight_noise_ratio(report["bf16"]["steps"][0], STD**2 / WORLD) < 1.2
+
+
+def test_manual_optimization_local(report):
+    res = report["manual"]
+    assert res["placement"] == "local" and res["replicas_identical"]
+    assert res["hook_calls"] == [0, 0]
+    for step in res["steps"]:
+        assert 0.85 < weight_noise_ratio(step, STD**2 / WORLD) < 1.15
