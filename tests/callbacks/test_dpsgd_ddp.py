@@ -44,6 +44,7 @@ SCRIPT = textwrap.dedent(
                     "optimizer": type(trainer.optimizers[0]).__name__,
                     "dp_optimizer": type(self.dp_opt).__name__,
                     "local_grad": self.local_grad,
+                    "stopped_reason": self.dp.stopped_reason,
                 },
                 f"{out}/rank{trainer.global_rank}.pt",
             )
@@ -60,11 +61,12 @@ SCRIPT = textwrap.dedent(
     if __name__ == "__main__":
         L.seed_everything(0, verbose=False)
         module = LitClassifier(LeNetDLG(channels=1, image_size=8), lr=0.5)
-        dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0)
+        # max_epsilon: epoch 3 would pass 1.53 (eps after 2 epochs: 1.48, after 3: 1.58)
+        dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, max_epsilon=1.53)
         trainer = L.Trainer(
             accelerator="cpu", devices=2,
             strategy=DDPStrategy(process_group_backend="gloo", start_method="fork"),
-            use_distributed_sampler=False, max_epochs=2, limit_train_batches=3,
+            use_distributed_sampler=False, max_epochs=3, limit_train_batches=3,
             limit_val_batches=0, callbacks=[dp, Save(dp)], logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         )
@@ -95,6 +97,9 @@ def test_ddp_dpsgd_replicas_identical_and_epsilon_as_single_process(tmp_path, fa
     assert any(not torch.equal(a, b) for a, b in zip(r0["params"], init, strict=True))  # it trained
     assert r0["steps"] == r1["steps"] == 6
     assert r0["epsilon"] == r1["epsilon"]
+    # max_epsilon stopped both ranks after epoch 2 of 3, with the reason
+    for r in (r0, r1):
+        assert r["stopped_reason"] is not None and "max_epsilon=1.53" in r["stopped_reason"]
     assert not r0["hooks_left"] and not r1["hooks_left"]
     assert r0["dp_optimizer"] == "DistributedDPOptimizer"  # noise on rank 0 only
     assert r0["optimizer"] == "SGD"  # restored after fit
