@@ -375,6 +375,12 @@ def test_unsupported_strategies_named():
     )
     with pytest.raises(ValueError, match=r"FSDPStrategy.*strategy='ddp'"):
         defense.setup(fake, Tiny(), "fit")
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    # DeepSpeedStrategy subclasses DDPStrategy; built without deepspeed installed
+    fake.strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
+    with pytest.raises(ValueError, match=r"DeepSpeedStrategy.*not supported"):
+        defense.setup(fake, Tiny(), "fit")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         defense.setup(fake, Tiny(), "validate")  # only fitting is checked
