@@ -476,6 +476,12 @@ class DPSGD(Callback):
             f"of N={n}), max_grad_norm={self.max_grad_norm}, delta={self.delta:.3g}, "
             f"accountant={self.accountant_name}."
         )
+        if distributed:
+            rank_zero_info(
+                "DPSGD under DDP: Opacus adds the noise on rank 0 only; every other rank "
+                "all-reduces its clipped but un-noised gradient sum (central DP of the aggregate). "
+                "DDP's own all-reduce of the unclipped gradients is disabled (no-op comm hook)."
+            )
         if self.max_epsilon is not None and self._epsilon_after_one_more_epoch(trainer) > (
             self.max_epsilon
         ):
