@@ -83,7 +83,7 @@ def test_ddp_dpsgd_replicas_identical_and_epsilon_as_single_process(tmp_path, fa
         [sys.executable, str(script), str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         cwd=tmp_path,
         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )
