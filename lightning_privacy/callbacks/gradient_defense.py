@@ -366,6 +366,9 @@ class GradientDefense(Callback):
         Global-view pipelines keep the buckets (returning a pending future per bucket) until the
         last one arrives, defend the whole local gradient, then all-reduce every bucket.
         """
+        return self._defend_bucket(bucket)
+
+    def _defend_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
         chosen = [
             g
             for p, g in zip(bucket.parameters(), bucket.gradients(), strict=True)
@@ -375,7 +378,7 @@ class GradientDefense(Callback):
         scale = float(self._scaler.get_scale()) if self._scaler is not None else 1.0
         stream = 1 + self._rank
         if not self._global_view:
-            if bucket.index() == 0:
+            if bucket.index() == 0 or self._local_gen is None:
                 self._local_gen = self._generator(buffer.device, stream, self._step())
             self._defend(chosen, self._local_gen, scale)
             return self._allreduce(buffer)
