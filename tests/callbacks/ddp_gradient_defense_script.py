@@ -104,6 +104,8 @@ class Probe(L.Callback):
         gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, mine)
         self.replicas_identical = all(torch.equal(gathered[0], g) for g in gathered[1:])
+        self.epochs = [None] * dist.get_world_size()
+        dist.all_gather_object(self.epochs, trainer.current_epoch)
 
 
 def flat_params(module):
@@ -148,7 +150,9 @@ def run(
     module = Net(manual=manual)
     trainer.fit(module, data())
     seg = segments(module)
-    report = {"replicas_identical": probe.replicas_identical, "steps": []}
+    report = {"replicas_identical": probe.replicas_identical, "steps": [], "epochs": probe.epochs}
+    if "privacy/epsilon" in trainer.callback_metrics:
+        report["epsilon"] = trainer.callback_metrics["privacy/epsilon"].item()
     for record in probe.steps:
         if "update" not in record:
             continue
@@ -168,6 +172,14 @@ def run(
         if isinstance(defense, CountingDefense):
             report["hook_calls"] = defense.hook_calls
     return name, report
+
+
+def epsilon_after(epochs):
+    from lightning_privacy.accountants import BatchClippingAccountant
+
+    acct = BatchClippingAccountant(max_grad_norm=1.0, std=4.0)
+    acct.step(epochs=epochs)
+    return acct.get_epsilon(1e-3)
 
 
 def clip_fn(c):
@@ -207,6 +219,12 @@ def scenario(name):
     if name == "manual":
         defense = CountingDefense(GaussianNoise(std=STD), seed=3)
         return run(name, defense, steps=2, manual=True)
+    if name == "budget":
+        # ε after 2 epochs < budget < ε after 3 epochs: both ranks must stop after epoch 2
+        pipeline = [GradientClipping(max_norm=1.0), GaussianNoise(std=4.0)]
+        budget = (epsilon_after(2) + epsilon_after(3)) / 2
+        defense = GradientDefense(pipeline, max_epsilon=budget, target_delta=1e-3)
+        return run(name, defense, steps=-1, max_epochs=10, limit_train_batches=1)
     if name == "bf16":
         defense = GradientDefense(GaussianNoise(std=STD))
         return run(name, defense, steps=1, precision="bf16-mixed")

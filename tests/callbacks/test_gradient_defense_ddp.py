@@ -31,6 +31,7 @@ SCENARIOS = [
     "fp16_clip",
     "bf16",
     "manual",
+    "budget",
 ]
 STD = 0.1
 WORLD = 2
@@ -133,3 +134,14 @@ def test_manual_optimization_local(report):
     assert res["hook_calls"] == [0, 0]
     for step in res["steps"]:
         assert 0.85 < weight_noise_ratio(step, STD**2 / WORLD) < 1.15
+
+
+def test_max_epsilon_stops_every_rank_after_the_same_epoch(report):
+    from lightning_privacy.accountants import BatchClippingAccountant
+
+    res = report["budget"]
+    assert res["epochs"] == [2, 2]  # stopped after 2 epochs on both ranks
+    assert res["replicas_identical"]
+    acct = BatchClippingAccountant(max_grad_norm=1.0, std=4.0)
+    acct.step(epochs=2)
+    assert res["epsilon"] == pytest.approx(acct.get_epsilon(1e-3), rel=1e-6)
