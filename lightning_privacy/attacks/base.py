@@ -34,6 +34,11 @@ class Attack(ABC):
     Attributes:
         modality: ``"image"`` (continuous inputs) or ``"text"`` (token ids); an audit checks it
             against the model's inputs before training.
+
+    Example:
+        >>> from lightning_privacy.attacks import DeepLeakage, TokenLeakage
+        >>> isinstance(DeepLeakage(), Attack), DeepLeakage.modality, TokenLeakage.modality
+        (True, 'image', 'text')
     """
 
     modality: ClassVar[str] = "image"

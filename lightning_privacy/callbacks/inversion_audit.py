@@ -100,6 +100,11 @@ class InversionAudit(Callback):
     Attributes:
         history: One dict per measurement: step, epoch, metrics and the threat model.
         last: The last :class:`~lightning_privacy.functional.attacks.Reconstruction`.
+
+    Example:
+        >>> audit = InversionAudit("deep_leakage", every_n_train_steps=50, max_seconds=30)
+        >>> type(audit.attack).__name__, audit.schedule.every_n_train_steps
+        ('DeepLeakage', 50)
     """
 
     def __init__(

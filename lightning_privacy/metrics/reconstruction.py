@@ -48,6 +48,11 @@ def reconstruction_metrics(
         downloaded). Batches are order-matched (Hungarian on pairwise MSE) first; label accuracy
         compares label multisets. Token ids (integer inputs): ``token_precision``,
         ``token_recall``.
+
+    Example:
+        >>> import torch
+        >>> reconstruction_metrics(torch.tensor([4, 5]), torch.tensor([[4, 4, 6]]))
+        {'token_precision': 0.5, 'token_recall': 0.5}
     """
     check_float("data_range", data_range, low=0.0, low_open=True)
     inputs, labels = _unpack(reconstruction)

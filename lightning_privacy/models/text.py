@@ -51,6 +51,12 @@ class TinyTransformerLM(nn.Module):
         lm_head: ``nn.Linear(d_model, vocab_size, bias=False)``; its weight *is* the embedding
             weight when tied (then it is not a separate parameter).
         loss_fn: :func:`language_model_loss`, read by the attacks and callbacks.
+
+    Example:
+        >>> lm = TinyTransformerLM(vocab_size=20, d_model=8, n_layers=1, n_heads=2, max_len=4,
+        ...                        tie_embeddings=False)
+        >>> lm.lm_head.weight is lm.token_embedding.weight
+        False
     """
 
     modality = "text"

@@ -101,6 +101,15 @@ def analytic_linear(
         Inputs ``(num_samples, *input_shape)``; one sample: the least-squares estimate over
         all rows, ``sum_i db_i dW_i / sum_i db_i^2``; a batch: the centres of the
         ``num_samples`` largest groups of agreeing row estimates.
+
+    Example:
+        >>> from lightning_privacy.functional.attacks.common import observed_gradients_of
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 2))
+        >>> x = torch.rand(1, 3)
+        >>> g = observed_gradients_of(net, x, torch.tensor([0]))
+        >>> bool(torch.allclose(analytic_linear(net, g, input_shape=(3,), num_samples=1).inputs, x,
+        ...                     atol=1e-5))
+        True
     """
     num_samples = check_num_samples(num_samples)
     start = time.perf_counter()
@@ -196,8 +205,16 @@ def token_leakage(
         generator: Unused.
 
     Returns:
-        ``inputs``: sorted 1-D tensor of the recovered token ids; ``metadata["tied"]``,
-        ``metadata["row_norms"]``.
+        ``inputs``: sorted 1-D tensor of the recovered token ids; ``metadata["tied"]``.
+
+    Example:
+        >>> emb = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(),
+        ...                           torch.nn.Linear(8, 3))
+        >>> tokens = torch.tensor([[2, 7]])
+        >>> from lightning_privacy.functional.gradients import parameter_gradients
+        >>> g = parameter_gradients(emb, tokens, torch.tensor([1]), loss_fn=F.cross_entropy)
+        >>> token_leakage(emb, g, input_shape=(2,), num_samples=1).inputs.tolist()
+        [2, 7]
     """
     num_samples = check_num_samples(num_samples)
     start = time.perf_counter()

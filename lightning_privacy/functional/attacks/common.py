@@ -46,6 +46,11 @@ class Reconstruction:
         history: Objective value after each outer step of the kept trial.
         metadata: Free-form facts about the run: ``bn_mode`` (``"train"``/``"eval"``/``"none"``),
             ``bn_stats_known``, ``labels_known``, per-restart objective values, iterations, ...
+
+    Example:
+        >>> rec = Reconstruction(inputs=torch.zeros(1, 3), labels=None, history=[2.0, 0.5])
+        >>> rec.objective
+        0.5
     """
 
     inputs: Tensor
@@ -151,6 +156,13 @@ class GradientMatcher:
         gradients: The observed gradient (see :func:`resolve_gradients`).
         loss_fn: The training loss; must accept soft (probability) targets for joint label
             optimisation, as ``torch.nn.functional.cross_entropy`` does.
+
+    Example:
+        >>> m = torch.nn.Linear(3, 2)
+        >>> x, y = torch.rand(1, 3), torch.tensor([1])
+        >>> matcher = GradientMatcher(m, observed_gradients_of(m, x, y), loss_fn=F.cross_entropy)
+        >>> round(float(matcher.cosine(x, y).detach()), 4)
+        0.0
     """
 
     def __init__(self, model: nn.Module, gradients: Gradients, *, loss_fn: LossFn) -> None:
@@ -279,7 +291,12 @@ def _count_labels(bias_grad: Tensor, num_samples: int) -> Tensor:
 
 
 def check_num_samples(num_samples: Any) -> int:
-    """Validate ``num_samples`` (an int >= 1)."""
+    """Validate ``num_samples`` (an int >= 1).
+
+    Example:
+        >>> check_num_samples(2)
+        2
+    """
     from lightning_privacy._validation import check_int
 
     return check_int("num_samples", num_samples, low=1)

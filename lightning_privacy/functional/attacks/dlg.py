@@ -120,6 +120,15 @@ def deep_leakage(
     Returns:
         The kept trial: inputs, labels (argmax of the optimised soft labels for ``"joint"``),
         its loss history, and metadata (per-trial losses, threat model, seconds).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Sigmoid(),
+        ...                           torch.nn.Linear(4, 2))
+        >>> g = [torch.zeros(p.shape) for p in net.parameters()]
+        >>> rec = deep_leakage(net, g, input_shape=(3,), num_samples=1, max_iterations=2,
+        ...                    restarts=1, labels=torch.tensor([0]))
+        >>> tuple(rec.inputs.shape), rec.metadata["labels_known"]
+        ((1, 3), True)
     """
     num_samples = check_num_samples(num_samples)
     shape = (num_samples, *input_shape)

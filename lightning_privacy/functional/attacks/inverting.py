@@ -131,6 +131,14 @@ def inverting_gradients(
 
     Returns:
         The best iterate of the best trial, the labels used, objective history, metadata.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+        >>> g = [torch.randn(p.shape) for p in net.parameters()]
+        >>> rec = inverting_gradients(net, g, input_shape=(1, 2, 2), num_samples=1,
+        ...                           max_iterations=3)
+        >>> len(rec.history), bool(rec.inputs.min() >= 0)
+        (3, True)
     """
     num_samples = check_num_samples(num_samples)
     shape = (num_samples, *input_shape)
