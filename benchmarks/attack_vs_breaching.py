@@ -178,9 +178,10 @@ def main() -> None:
             )
         a, b = row(table, f"face {i}", ours, theirs, (x, y))
         ours_total, theirs_total = ours_total + a, theirs_total + b
-    if have_breaching:
+    if have_breaching and theirs_total > 0:
         table.caption = f"total time ratio ours/Breaching: {ours_total / theirs_total:.2f}"
-    console.print(table)
+    if picks:
+        console.print(table)
 
     patches, patch_labels = load_photo_patches(image_size=32, channels=3, patches_per_photo=1)
     torch.manual_seed(0)
