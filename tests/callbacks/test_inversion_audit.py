@@ -206,3 +206,23 @@ def test_global_rng_stream_untouched_by_an_audit_run():
         audit._run(_Trainer(), module)
     assert torch.equal(state, torch.get_rng_state())
     assert "attack/psnr" in _Trainer.callback_metrics
+
+
+def test_apply_defenses_false_attacks_the_clean_gradient():
+    module = _module()
+    x, y = _data(2)
+
+    class _Trainer:
+        is_global_zero = True
+        global_step = 0
+        current_epoch = 0
+        callbacks = [GradientDefense([GaussianNoise(std=10.0)], seed=0)]
+        loggers: list = []
+        callback_metrics: dict = {}
+
+    for apply, defended in ((True, 1.0), (False, 0.0)):
+        audit = InversionAudit(FAST_IG, batch=(x, y), apply_defenses=apply, log_images=False)
+        audit._held_out = (x[:1], y[:1])
+        audit._run(_Trainer(), module)
+        assert _Trainer.callback_metrics["attack/defended"] == defended
+        assert audit.history[-1]["threat_model"]["defended"] is bool(defended)
