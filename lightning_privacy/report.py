@@ -230,6 +230,11 @@ def render_report(
             + html.escape(", ".join(missing))
             + ".</p>"
         )
+    notes = sorted({w for r in results for w in r.get("warnings", [])})
+    if notes:
+        parts.append("<details><summary class='note'>Warnings during training</summary><ul>")
+        parts.extend(f"<li class='note'>{html.escape(w)}</li>" for w in notes)
+        parts.append("</ul></details>")
     failed = [r for r in results if str(r.get("status", "ok")).startswith("failed")]
     for r in failed:
         parts.append(f"<p class='note'>{_fmt(r.get('label'))}: {_fmt(r.get('status'))}</p>")

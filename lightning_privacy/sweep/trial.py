@@ -303,8 +303,13 @@ def run_trial(spec_dict: Mapping[str, Any], out_dir: str) -> dict[str, Any]:
         default_root_dir=str(trial_dir),
     )
     start = time.perf_counter()
-    trainer.fit(module, datamodule)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.fit(module, datamodule)
     seconds = time.perf_counter() - start
+    messages = list(dict.fromkeys(str(w.message).splitlines()[0] for w in caught))
     history = {k: v for k, v in logger.history.items()}
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     epsilon = metrics.get("privacy/epsilon", _last(history, "privacy/epsilon"))
@@ -326,6 +331,7 @@ def run_trial(spec_dict: Mapping[str, Any], out_dir: str) -> dict[str, Any]:
         "seconds": seconds,
         "status": "ok",
         "missing": missing,
+        "warnings": messages,
         "threat_model": _threat_model(callbacks),
         "history": history,
         "images": sorted(
