@@ -73,7 +73,7 @@ def build_timm_model(
         # attacks need; timm's explicit softmax attention computes the same function.
         for module in model.modules():
             if hasattr(module, "fused_attn"):
-                module.fused_attn = False
+                setattr(module, "fused_attn", False)  # noqa: B010 - not a declared attribute
         return model
     return timm.create_model("convnext_atto", patch_size=2, **common)
 
