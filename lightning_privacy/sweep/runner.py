@@ -250,7 +250,15 @@ def run_sweep(
         elif in_process:
             for spec in pending:
                 bar.update(task, description=f"training {spec.label}")
-                on_done(spec, trial_fn(spec.to_dict(), str(out)))
+
+                def show(epoch: int, total: int, label: str = spec.label) -> None:
+                    bar.update(task, description=f"training {label}: epoch {epoch}/{total}")
+
+                if trial_fn is safe_run_trial:
+                    result = safe_run_trial(spec.to_dict(), str(out), progress=show)
+                else:
+                    result = trial_fn(spec.to_dict(), str(out))
+                on_done(spec, result)
         elif backend == "ray":
             _run_ray(pending, out, workers, on_done)
         else:

@@ -21,7 +21,7 @@ import time
 import traceback
 import warnings
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -260,12 +260,18 @@ def load_finished(out_dir: Path, spec: TrialSpec) -> dict[str, Any] | None:
     return result if result.get("fingerprint") == spec.fingerprint else None
 
 
-def run_trial(spec_dict: Mapping[str, Any], out_dir: str) -> dict[str, Any]:
+def run_trial(
+    spec_dict: Mapping[str, Any],
+    out_dir: str,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
     """Train one configuration with its defense and observers; return and store its result.
 
     Args:
         spec_dict: A :class:`TrialSpec` as a dict (picklable for any backend).
         out_dir: The sweep's output directory; the trial writes ``trials/<trial_id>/``.
+        progress: Called with ``(finished_epochs, max_epochs)`` after every training epoch.
 
     Returns:
         The result: ``val_acc``, ``epsilon``, ``attack_psnr``, ``attack_ssim``,
@@ -287,12 +293,13 @@ def run_trial(spec_dict: Mapping[str, Any], out_dir: str) -> dict[str, Any]:
     if {"DPSGD", "GradientDefense"} & set(missing):
         log_event(root, f"unavailable {spec.trial_id}")
         return _unavailable(spec, missing)
+    extra = [] if progress is None else [_epoch_progress(progress)]
     logger = _memory_logger_class()(trial_dir)
     limit = settings["training"].get("limit_train_batches")
     trainer = L.Trainer(
         max_epochs=int(settings["training"]["epochs"]),
         limit_train_batches=limit if limit is not None else 1.0,
-        callbacks=callbacks,
+        callbacks=callbacks + extra,
         logger=logger,
         accelerator="cpu",
         devices=1,
@@ -346,6 +353,17 @@ def run_trial(spec_dict: Mapping[str, Any], out_dir: str) -> dict[str, Any]:
     return result
 
 
+def _epoch_progress(report: Callable[[int, int], None]) -> Any:
+    """A callback that reports finished epochs (for the command line's progress bar)."""
+    import lightning as L
+
+    class EpochProgress(L.Callback):
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            report(trainer.current_epoch + 1, int(trainer.max_epochs or 0))
+
+    return EpochProgress()
+
+
 def _threat_model(callbacks: list[Any]) -> dict[str, Any]:
     """What the simulated attacker sees, as far as the callbacks can tell."""
     info: dict[str, Any] = {}
@@ -380,13 +398,18 @@ def _unavailable(spec: TrialSpec, missing: list[str]) -> dict[str, Any]:
     }
 
 
-def safe_run_trial(spec_dict: Mapping[str, Any], out_dir: str) -> dict[str, Any]:
+def safe_run_trial(
+    spec_dict: Mapping[str, Any],
+    out_dir: str,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
     """:func:`run_trial` that turns an exception into a ``status="failed"`` result.
 
     A failed trial writes ``error.txt`` but no ``result.json``, so a rerun retries it.
     """
     try:
-        return run_trial(spec_dict, out_dir)
+        return run_trial(spec_dict, out_dir, progress=progress)
     except Exception as err:  # one failing trial must not stop the sweep
         spec = TrialSpec.from_dict(spec_dict)
         trial_dir = Path(out_dir) / "trials" / spec.trial_id
