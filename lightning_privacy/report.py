@@ -48,8 +48,9 @@ THREAT_MODEL = (
     "that attacker on a held-out batch with its own random generator, so the reported PSNR is an "
     "empirical measurement of one attack, not a bound; <code>LeakageMonitor</code>'s I²F is a "
     "first-order estimate of what a perfect attacker could reconstruct under the same defense; "
-    "only DP-SGD (per-example clipping + Gaussian noise, Opacus accountant) gives a formal "
-    "guarantee ε(δ). Noise without clipping, pruning and low-rank filtering give none."
+    "only DP-SGD (per-example clipping + Gaussian noise, Opacus accountant) and clipping + "
+    "Gaussian noise on the batch gradient (batch-clipping accountant) give a formal guarantee "
+    "ε(δ). Noise without clipping, pruning and low-rank filtering give none."
 )
 
 _CSS = """
@@ -85,6 +86,8 @@ def _figure_png(fig: Any) -> bytes:
 def _fmt(value: Any) -> str:
     if value is None or value == "":
         return "—"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
     if isinstance(value, float):
         if math.isinf(value):
             return "∞"
@@ -270,8 +273,27 @@ def render_report(
         parts.append("</div>")
     parts.append(f"<h2>Threat model</h2><p>{THREAT_MODEL}</p>")
     parts.append(_threat_table(results))
+    setup = _stored_settings(run_dir)
+    if setup:
+        parts.append(f"<h2>Setup</h2><pre>{html.escape(setup)}</pre>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _stored_settings(run_dir: Path) -> str:
+    """The sweep's shared settings and grid from ``sweep.json`` as YAML, or ``""``."""
+    import json
+
+    import yaml
+
+    try:
+        stored = json.loads((run_dir / "sweep.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(stored, dict):
+        return ""
+    shown = {k: stored[k] for k in ("defenses", "settings", "backend", "workers") if k in stored}
+    return yaml.safe_dump(shown, sort_keys=False, allow_unicode=True)
 
 
 def _stored_title(run_dir: Path) -> str:
