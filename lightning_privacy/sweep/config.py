@@ -431,7 +431,7 @@ def _check_settings(doc: _Located, data: dict[str, Any]) -> dict[str, Any]:
             positive=True,
         )
         _check_mapping(doc, audit["options"], "audit.options")
-        _check_attack(doc, audit["attack"])
+        _check_attack(doc, audit["attack"], audit["options"])
     leakage = settings["leakage"]
     if leakage is not None:
         for key in ("num_samples", "num_delta_samples", "every_n_epochs"):
@@ -448,9 +448,12 @@ def _check_settings(doc: _Located, data: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def _check_attack(doc: _Located, attack: Any) -> None:
+def _check_attack(doc: _Located, attack: Any, options: dict[str, Any]) -> None:
     try:
-        from lightning_privacy.attacks import list_attacks  # type: ignore[attr-defined]
+        from lightning_privacy.attacks import (  # type: ignore[attr-defined]
+            create_attack,
+            list_attacks,
+        )
     except ImportError:
         if not isinstance(attack, str):
             raise doc.error(
@@ -466,6 +469,12 @@ def _check_attack(doc: _Located, attack: Any) -> None:
             "audit.attack",
             f"Unknown attack {attack!r}.{hint} Available: {', '.join(repr(n) for n in names)}.",
         )
+    try:  # the attack's own checks, before anything runs
+        create_attack(attack, **options)
+    except TypeError as err:
+        raise doc.error("audit.options", f"Invalid options for {attack!r}: {err}") from None
+    except ValueError as err:
+        raise doc.error("audit.options", str(err)) from None
 
 
 def ray_available() -> bool:

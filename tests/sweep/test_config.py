@@ -136,6 +136,18 @@ def test_duplicates_are_run_once():
     assert len(parse_sweep_config(text).trials()) == 1
 
 
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [("{max_iterations: -5}", "max_iterations"), ("{nonsense: 1}", "Invalid options")],
+)
+def test_bad_attack_options_are_caught_up_front(options, expected):
+    text = f"defenses: [{{name: none}}]\naudit:\n  attack: deep_leakage\n  options: {options}\n"
+    with pytest.raises(SweepConfigError) as info:
+        parse_sweep_config(text)
+    assert info.value.key == "audit.options" and info.value.line == 4
+    assert expected in str(info.value)
+
+
 def test_error_carries_key_and_line():
     with pytest.raises(SweepConfigError) as info:
         parse_sweep_config(
