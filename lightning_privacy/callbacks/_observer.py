@@ -5,6 +5,11 @@ trajectory. This module holds what they share:
 
 * :class:`ObserverSchedule` -- ``every_n_epochs`` / ``every_n_train_steps`` (one of them; neither
   means once per epoch);
+* :class:`ScheduledObserver` -- the base callback: runs ``_observe`` on that schedule from
+  training hooks (never validation ones: attacks need autograd), owns the observer's generator,
+  history and checkpoint state;
+* :class:`DefenseView` -- what an observer needs of the Trainer's defense (``transforms``,
+  ``layers``), provided by ``GradientDefense`` and ``DPSGD``;
 * :func:`validation_batch` -- the first batch of the Trainer's validation data, whatever its source;
 * :func:`find_gradient_defense` -- the ``GradientDefense`` in the Trainer, whose transforms the
   attacker sees;
@@ -23,15 +28,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_privacy._validation import check_optional_schedule
-from lightning_privacy.defenses.base import apply_transforms
+from lightning_privacy._validation import check_int, check_optional_schedule
+from lightning_privacy.defenses.base import GradientTransform, apply_transforms
 from lightning_privacy.functional.gradients import parameter_gradients, select_parameters
 
 if TYPE_CHECKING:
@@ -61,6 +66,87 @@ class ObserverSchedule:
         """Whether to run at the end of (0-based) ``epoch``."""
         n = self.every_n_epochs
         return n is not None and (epoch + 1) % n == 0
+
+
+class DefenseView(Protocol):
+    """What the attacker knows of the Trainer's defense: its transforms and where they apply."""
+
+    @property
+    def transforms(self) -> Sequence[GradientTransform]:
+        """The pipeline applied to the shared gradient."""
+
+    @property
+    def layers(self) -> str | Sequence[str] | None:
+        """The parameter-name selection the pipeline acts on (``None``: all)."""
+
+
+class ScheduledObserver(L.Callback):
+    """Base class of observer callbacks: schedule, own generator, history, checkpoint state.
+
+    Subclasses implement :meth:`_observe`; it runs after the optimizer step that completes
+    ``every_n_train_steps`` or at the end of every ``every_n_epochs``-th epoch (training hooks,
+    where autograd is on), at most once per step.
+
+    Args:
+        every_n_epochs: Run at the end of every n-th training epoch.
+        every_n_train_steps: Run after every n-th optimizer step (not both; neither: each epoch).
+        seed: Seed of the observer's own generator (never the global RNG).
+
+    Example:
+        >>> class Counter(ScheduledObserver):
+        ...     def _observe(self, trainer, pl_module, *, on_step):
+        ...         self.history.append({"on_step": on_step})
+        >>> counter = Counter(every_n_epochs=None, every_n_train_steps=5, seed=0)
+        >>> counter.state_dict()["last_step"]
+        -1
+    """
+
+    def __init__(
+        self, *, every_n_epochs: int | None, every_n_train_steps: int | None, seed: int
+    ) -> None:
+        self.schedule = ObserverSchedule(every_n_epochs, every_n_train_steps)
+        self.seed = check_int("seed", seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.history: list[dict[str, Any]] = []
+        self._last_step = -1
+
+    def _observe(self, trainer: L.Trainer, pl_module: L.LightningModule, *, on_step: bool) -> None:
+        raise NotImplementedError
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Observe after the optimizer step that completes ``every_n_train_steps``."""
+        step = trainer.global_step
+        if step != self._last_step and self.schedule.due_after_step(step):
+            self._last_step = step
+            self._observe(trainer, pl_module, on_step=True)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Observe at the end of every ``every_n_epochs``-th epoch."""
+        if self.schedule.due_after_epoch(trainer.current_epoch):
+            self._observe(trainer, pl_module, on_step=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """History, generator state and the last observed step (a resumed run continues)."""
+        return {
+            "history": list(self.history),
+            "generator_state": self.generator.get_state(),
+            "last_step": self._last_step,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.history = list(state_dict.get("history", []))
+        if "generator_state" in state_dict:
+            self.generator.set_state(state_dict["generator_state"])
+        self._last_step = int(state_dict.get("last_step", -1))
 
 
 def _val_source(trainer: L.Trainer) -> Any:
@@ -194,7 +280,7 @@ def observed_gradients(
     targets: Tensor,
     *,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
-    defense: GradientDefense | None,
+    defense: DefenseView | None,
     generator: torch.Generator | None,
 ) -> ObservedGradients:
     """Gradients of the held-out batch at the current weights, before and after the defense.

@@ -61,13 +61,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from lightning_privacy._validation import check_choice, check_float, check_int
 from lightning_privacy.attacks import Attack, create_attack
 from lightning_privacy.callbacks._observer import (
-    ObserverSchedule,
+    ScheduledObserver,
     find_gradient_defense,
     has_validation_data,
     isolated,
@@ -81,7 +80,7 @@ from lightning_privacy.functional.attacks.common import Reconstruction, bn_mode
 from lightning_privacy.metrics import reconstruction_metrics
 
 
-class InversionAudit(Callback):
+class InversionAudit(ScheduledObserver):
     """Run a gradient-inversion attack on a held-out batch on a schedule and log its success.
 
     Args:
@@ -126,7 +125,9 @@ class InversionAudit(Callback):
                 "Expected `attack` to be an attack name or an Attack instance, "
                 f"but got {type(attack).__name__}."
             )
-        self.schedule = ObserverSchedule(every_n_epochs, every_n_train_steps)
+        super().__init__(
+            every_n_epochs=every_n_epochs, every_n_train_steps=every_n_train_steps, seed=seed
+        )
         self.num_samples = check_int("num_samples", num_samples, low=1)
         self.max_seconds = (
             None
@@ -135,16 +136,12 @@ class InversionAudit(Callback):
         )
         self.apply_defenses = check_choice("apply_defenses", apply_defenses, (True, False))
         self.log_images = check_choice("log_images", log_images, (True, False))
-        self.seed = check_int("seed", seed)
         if batch is not None:
             split_batch(batch, self.num_samples)
         self.batch = batch
-        self.generator = torch.Generator().manual_seed(self.seed)
-        self.history: list[dict[str, Any]] = []
         self.last: Reconstruction | None = None
         self._held_out: tuple[Tensor, Tensor] | None = None
         self._bound: float | None = self.max_seconds
-        self._last_step = -1
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -193,26 +190,6 @@ class InversionAudit(Callback):
         return []
 
     # ------------------------------------------------------------------ hooks
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        """Attack after the optimizer step that completes ``every_n_train_steps``."""
-        step = trainer.global_step
-        if step != self._last_step and self.schedule.due_after_step(step):
-            self._last_step = step
-            self._run(trainer, pl_module)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Attack at the end of every ``every_n_epochs``-th epoch."""
-        if self.schedule.due_after_epoch(trainer.current_epoch):
-            self._run(trainer, pl_module)
-
-    # ------------------------------------------------------------------ work
     def _attack(self) -> Attack:
         if self._bound is None:
             return self.attack
@@ -221,7 +198,7 @@ class InversionAudit(Callback):
             return self.attack
         return dataclasses.replace(self.attack, max_seconds=self._bound)  # type: ignore[type-var]
 
-    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _observe(self, trainer: L.Trainer, pl_module: L.LightningModule, *, on_step: bool) -> None:
         if not trainer.is_global_zero or self._held_out is None:
             return
         defense = find_gradient_defense(trainer) if self.apply_defenses else None
@@ -234,7 +211,7 @@ class InversionAudit(Callback):
                     inputs,
                     targets,
                     loss_fn=module_loss_fn(pl_module),
-                    defense=defense,  # type: ignore[arg-type]
+                    defense=defense,
                     generator=self.generator,
                 )
                 mode = bn_mode(pl_module)
@@ -321,20 +298,3 @@ class InversionAudit(Callback):
             folder = Path(log_dir or trainer.default_root_dir) / "inversion_audit"
             folder.mkdir(parents=True, exist_ok=True)
             save_image(grid, folder / f"step_{step:07d}.png")
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        """Audit history, generator state and the last audited step."""
-        return {
-            "history": list(self.history),
-            "generator_state": self.generator.get_state(),
-            "last_step": self._last_step,
-            "seed": self.seed,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved."""
-        self.history = list(state_dict.get("history", []))
-        if "generator_state" in state_dict:
-            self.generator.set_state(state_dict["generator_state"])
-        self._last_step = int(state_dict.get("last_step", -1))

@@ -65,12 +65,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_privacy._validation import check_choice, check_float, check_int
 from lightning_privacy.callbacks._observer import (
-    ObserverSchedule,
+    ScheduledObserver,
     find_gradient_defense,
     has_validation_data,
     isolated,
@@ -88,7 +87,7 @@ from lightning_privacy.leakage.estimators import (
 __all__ = ["LeakageMonitor"]
 
 
-class LeakageMonitor(Callback):
+class LeakageMonitor(ScheduledObserver):
     """Log I2F leakage estimates of the defended gradient during training.
 
     Args:
@@ -122,7 +121,9 @@ class LeakageMonitor(Callback):
         data_range: float = 1.0,
         seed: int = 0,
     ) -> None:
-        self.schedule = ObserverSchedule(every_n_epochs, every_n_train_steps)
+        super().__init__(
+            every_n_epochs=every_n_epochs, every_n_train_steps=every_n_train_steps, seed=seed
+        )
         self.estimator = check_choice("estimator", estimator, ESTIMATORS)
         self.num_delta_samples = check_int("num_delta_samples", num_delta_samples, low=1)
         self.max_predicted_psnr = (
@@ -135,14 +136,10 @@ class LeakageMonitor(Callback):
         self.per_class = check_choice("per_class", per_class, (True, False))
         self.damping = check_float("damping", damping, low=0.0)
         self.data_range = check_float("data_range", data_range, low=0.0, low_open=True)
-        self.seed = check_int("seed", seed)
         if batch is not None:
             split_batch(batch, 1)
         self.batch = batch
-        self.generator = torch.Generator().manual_seed(self.seed)
-        self.history: list[dict[str, float]] = []
         self.last: LeakageEstimate | None = None
-        self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Check the Trainer: a held-out batch exists and the estimator fits the defense."""
@@ -170,29 +167,10 @@ class LeakageMonitor(Callback):
         if self.generator.device != pl_module.device:  # defenses draw on the gradient's device
             self.generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
 
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        """Estimate after the optimizer step that completes ``every_n_train_steps``."""
-        step = trainer.global_step
-        if step != self._last_step and self.schedule.due_after_step(step):
-            self._last_step = step
-            self._run(trainer, pl_module, on_step=True)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Estimate at the end of every ``every_n_epochs``-th epoch."""
-        if self.schedule.due_after_epoch(trainer.current_epoch):
-            self._run(trainer, pl_module, on_step=False)
-
     def _held_out(self, trainer: L.Trainer) -> Any:
         return self.batch if self.batch is not None else validation_batch(trainer)
 
-    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, *, on_step: bool) -> None:
+    def _observe(self, trainer: L.Trainer, pl_module: L.LightningModule, *, on_step: bool) -> None:
         defense = find_gradient_defense(trainer)
         transforms = list(defense.transforms) if defense is not None else []
         layers = defense.layers if defense is not None else None
@@ -243,18 +221,3 @@ class LeakageMonitor(Callback):
             trainer.should_stop = True
         else:
             rank_zero_warn(message + " Strengthen the defense (see calibrate_noise).")
-
-    def state_dict(self) -> dict[str, Any]:
-        """Generator state, history and the last evaluated step (a resumed run continues)."""
-        return {
-            "generator_state": self.generator.get_state(),
-            "history": list(self.history),
-            "last_step": self._last_step,
-            "seed": self.seed,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved."""
-        self.generator.set_state(state_dict["generator_state"])
-        self.history = list(state_dict.get("history", []))
-        self._last_step = int(state_dict.get("last_step", -1))

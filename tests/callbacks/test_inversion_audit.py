@@ -203,7 +203,7 @@ def test_global_rng_stream_untouched_by_an_audit_run():
     state = torch.get_rng_state()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        audit._run(_Trainer(), module)
+        audit._observe(_Trainer(), module, on_step=True)
     assert torch.equal(state, torch.get_rng_state())
     assert "attack/psnr" in _Trainer.callback_metrics
 
@@ -223,6 +223,6 @@ def test_apply_defenses_false_attacks_the_clean_gradient():
     for apply, defended in ((True, 1.0), (False, 0.0)):
         audit = InversionAudit(FAST_IG, batch=(x, y), apply_defenses=apply, log_images=False)
         audit._held_out = (x[:1], y[:1])
-        audit._run(_Trainer(), module)
+        audit._observe(_Trainer(), module, on_step=True)
         assert _Trainer.callback_metrics["attack/defended"] == defended
         assert audit.history[-1]["threat_model"]["defended"] is bool(defended)
