@@ -16,7 +16,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/lightning-privacy demo
 
-test: $(STAMP)
+test: lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --doctest-modules lightning_privacy tests
 
 lint: $(STAMP)
