@@ -8,17 +8,12 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
-
-import torch.nn.functional as F
-from torch import Generator, Tensor, nn
 
 from lightning_privacy._validation import check_float
 from lightning_privacy.attacks.base import ATTACKS, Attack
 from lightning_privacy.functional.attacks.analytic import analytic_linear, token_leakage
-from lightning_privacy.functional.attacks.common import Gradients, LossFn, Reconstruction
 
 
 @ATTACKS.register("analytic_linear")
@@ -48,32 +43,11 @@ class AnalyticLinear(Attack):
 
     layer: str | None = None
     tol: float = 1e-4
+    function = staticmethod(analytic_linear)
+    common_arguments = ("labels", "loss_fn")
 
     def __post_init__(self) -> None:
         check_float("tol", self.tol, low=0.0, high=1.0, low_open=True)
-
-    def reconstruct(
-        self,
-        model: nn.Module,
-        gradients: Gradients,
-        *,
-        input_shape: Sequence[int],
-        num_samples: int,
-        labels: Tensor | None = None,
-        loss_fn: LossFn = F.cross_entropy,
-        generator: Generator | None = None,
-    ) -> Reconstruction:
-        """Run :func:`~lightning_privacy.functional.attacks.analytic.analytic_linear`."""
-        return analytic_linear(
-            model,
-            gradients,
-            input_shape=input_shape,
-            num_samples=num_samples,
-            labels=labels,
-            loss_fn=loss_fn,
-            layer=self.layer,
-            tol=self.tol,
-        )
 
 
 @ATTACKS.register("token_leakage")
@@ -107,27 +81,8 @@ class TokenLeakage(Attack):
     tol: float = 1e-6
 
     modality: ClassVar[str] = "text"
+    function = staticmethod(token_leakage)
+    common_arguments = ()
 
     def __post_init__(self) -> None:
         check_float("tol", self.tol, low=0.0, high=1.0, low_open=True)
-
-    def reconstruct(
-        self,
-        model: nn.Module,
-        gradients: Gradients,
-        *,
-        input_shape: Sequence[int],
-        num_samples: int,
-        labels: Tensor | None = None,
-        loss_fn: LossFn = F.cross_entropy,
-        generator: Generator | None = None,
-    ) -> Reconstruction:
-        """Run :func:`~lightning_privacy.functional.attacks.analytic.token_leakage`."""
-        return token_leakage(
-            model,
-            gradients,
-            input_shape=input_shape,
-            num_samples=num_samples,
-            embedding=self.embedding,
-            tol=self.tol,
-        )

@@ -15,8 +15,9 @@ Example:
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
+import dataclasses
+from abc import ABC
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch.nn.functional as F
@@ -31,9 +32,15 @@ ATTACKS: Registry[Attack] = Registry("attack")
 class Attack(ABC):
     """Base class of attack components.
 
+    Subclasses are frozen dataclasses whose fields are the hyperparameters of their functional
+    core ``function``; :meth:`reconstruct` passes them by name, with the common arguments the
+    core takes (``common_arguments``).
+
     Attributes:
         modality: ``"image"`` (continuous inputs) or ``"text"`` (token ids); an audit checks it
             against the model's inputs before training.
+        function: The pure function in :mod:`lightning_privacy.functional.attacks` doing the work.
+        common_arguments: Which of ``labels``, ``loss_fn``, ``generator`` the function takes.
 
     Example:
         >>> from lightning_privacy.attacks import DeepLeakage, TokenLeakage
@@ -42,8 +49,13 @@ class Attack(ABC):
     """
 
     modality: ClassVar[str] = "image"
+    function: ClassVar[Callable[..., Reconstruction]]
+    common_arguments: ClassVar[tuple[str, ...]] = ("labels", "loss_fn", "generator")
 
-    @abstractmethod
+    def options(self) -> dict[str, Any]:
+        """The hyperparameters passed to :attr:`function` (the dataclass fields)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
     def reconstruct(
         self,
         model: nn.Module,
@@ -56,6 +68,15 @@ class Attack(ABC):
         generator: Generator | None = None,
     ) -> Reconstruction:
         """Rebuild ``num_samples`` inputs of shape ``input_shape`` from ``gradients``."""
+        common = {"labels": labels, "loss_fn": loss_fn, "generator": generator}
+        return type(self).function(
+            model,
+            gradients,
+            input_shape=input_shape,
+            num_samples=num_samples,
+            **{name: common[name] for name in self.common_arguments},
+            **self.options(),
+        )
 
 
 def create_attack(name: str, **kwargs: Any) -> Attack:

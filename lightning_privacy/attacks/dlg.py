@@ -8,15 +8,11 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch.nn.functional as F
-from torch import Generator, Tensor, nn
+from typing import Any
 
 from lightning_privacy._validation import check_choice, check_float, check_int
 from lightning_privacy.attacks.base import ATTACKS, Attack
-from lightning_privacy.functional.attacks.common import Gradients, LossFn, Reconstruction
 from lightning_privacy.functional.attacks.dlg import INITS, deep_leakage
 
 
@@ -82,6 +78,11 @@ class DeepLeakage(Attack):
     max_seconds: float | None = None
 
     label_strategy = "joint"
+    function = staticmethod(deep_leakage)
+
+    def options(self) -> dict[str, Any]:
+        """The dataclass fields plus the label strategy of this variant."""
+        return {**super().options(), "label_strategy": self.label_strategy}
 
     def __post_init__(self) -> None:
         check_int("max_iterations", self.max_iterations, low=1)
@@ -100,39 +101,6 @@ class DeepLeakage(Attack):
     def original(cls) -> DeepLeakage:
         """The paper's exact setting: randn start, no line search, one trial, no box."""
         return cls(line_search=False, restarts=1, init="randn", box=None, tol=0.0)
-
-    def reconstruct(
-        self,
-        model: nn.Module,
-        gradients: Gradients,
-        *,
-        input_shape: Sequence[int],
-        num_samples: int,
-        labels: Tensor | None = None,
-        loss_fn: LossFn = F.cross_entropy,
-        generator: Generator | None = None,
-    ) -> Reconstruction:
-        """Run :func:`~lightning_privacy.functional.attacks.deep_leakage` with this config."""
-        return deep_leakage(
-            model,
-            gradients,
-            input_shape=input_shape,
-            num_samples=num_samples,
-            labels=labels,
-            loss_fn=loss_fn,
-            max_iterations=self.max_iterations,
-            lr=self.lr,
-            inner_iterations=self.inner_iterations,
-            history_size=self.history_size,
-            line_search=self.line_search,
-            restarts=self.restarts,
-            init=self.init,
-            box=self.box,
-            tol=self.tol,
-            label_strategy=self.label_strategy,
-            max_seconds=self.max_seconds,
-            generator=generator,
-        )
 
 
 @ATTACKS.register("idlg")

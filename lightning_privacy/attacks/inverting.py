@@ -8,16 +8,11 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch.nn.functional as F
-from torch import Generator, Tensor, nn
 
 from lightning_privacy._validation import check_choice, check_float, check_int
 from lightning_privacy.attacks.base import ATTACKS, Attack
 from lightning_privacy.attacks.dlg import _check_box
-from lightning_privacy.functional.attacks.common import Gradients, LossFn, Reconstruction
 from lightning_privacy.functional.attacks.dlg import INITS
 from lightning_privacy.functional.attacks.inverting import METHODS, inverting_gradients
 
@@ -65,6 +60,7 @@ class InvertingGradients(Attack):
     decay: bool = True
     method: str = "auto"
     max_seconds: float | None = None
+    function = staticmethod(inverting_gradients)
 
     def __post_init__(self) -> None:
         check_int("max_iterations", self.max_iterations, low=1)
@@ -78,35 +74,3 @@ class InvertingGradients(Attack):
         if self.max_seconds is not None:
             check_float("max_seconds", self.max_seconds, low=0.0, low_open=True)
         _check_box(self.box)
-
-    def reconstruct(
-        self,
-        model: nn.Module,
-        gradients: Gradients,
-        *,
-        input_shape: Sequence[int],
-        num_samples: int,
-        labels: Tensor | None = None,
-        loss_fn: LossFn = F.cross_entropy,
-        generator: Generator | None = None,
-    ) -> Reconstruction:
-        """Run :func:`~lightning_privacy.functional.attacks.inverting.inverting_gradients`."""
-        return inverting_gradients(
-            model,
-            gradients,
-            input_shape=input_shape,
-            num_samples=num_samples,
-            labels=labels,
-            loss_fn=loss_fn,
-            max_iterations=self.max_iterations,
-            lr=self.lr,
-            tv_weight=self.tv_weight,
-            restarts=self.restarts,
-            init=self.init,
-            box=self.box,
-            signed=self.signed,
-            decay=self.decay,
-            method=self.method,
-            max_seconds=self.max_seconds,
-            generator=generator,
-        )
