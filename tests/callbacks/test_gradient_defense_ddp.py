@@ -8,14 +8,11 @@ clean gradient averaged by hand.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from ddp_launch import run_ddp_script
 
 pytestmark = pytest.mark.ddp
 
@@ -40,19 +37,7 @@ WORLD = 2
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "report.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    for key in ("MASTER_PORT", "MASTER_ADDR", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"):
-        env.pop(key, None)
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), *SCENARIOS],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=out.parent,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(out.read_text())
+    return run_ddp_script(SCRIPT, out, *SCENARIOS)
 
 
 def weight_noise_ratio(step, expected_var):

@@ -3,13 +3,10 @@ training finishes with identical replicas; the default bound is half the collect
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from ddp_launch import run_ddp_script
 
 pytestmark = pytest.mark.ddp
 
@@ -18,19 +15,7 @@ SCRIPT = Path(__file__).with_name("ddp_inversion_audit_script.py")
 
 def test_rank_zero_audit_under_ddp(tmp_path):
     out = tmp_path / "report.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    for key in ("MASTER_PORT", "MASTER_ADDR", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"):
-        env.pop(key, None)
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    report = json.loads(out.read_text())
+    report = run_ddp_script(SCRIPT, out)
     assert report["bound"] == pytest.approx(3.0)
     assert report["steps"] == 2 and report["audits"] == 2
     assert 0 < report["iterations"] < 100_000
