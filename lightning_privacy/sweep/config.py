@@ -14,6 +14,9 @@ The file::
       - name: dpsgd
         strengths: [1.0]           # noise multiplier
         max_grad_norm: 1.0         # other keys are passed to the defense unchanged
+        overrides:                 # optional: this entry's own data/model/training settings
+          model: {lr: 0.03}        # (or dotted: `overrides: {model.lr: 0.03}`)
+          data: {batch_size: 128}
     data: {dataset: digits, image_size: 32, batch_size: 64}
     model: {name: lenet, optimizer: adam, lr: 0.003}
     training: {epochs: 2, seed: 0}
@@ -38,6 +41,14 @@ Example:
     ... ''')
     >>> [t.label for t in config.trials()]
     ['none', 'gaussian_noise=0.01', 'gaussian_noise=0.1']
+    >>> dp = parse_sweep_config('''
+    ... defenses:
+    ...   - name: dpsgd
+    ...     strengths: [1.0]
+    ...     overrides: {model.lr: 0.03, data: {batch_size: 128}}
+    ... ''').trials()[0]
+    >>> dp.settings["model"]["lr"], dp.settings["data"]["batch_size"], dp.overrides
+    (0.03, 128, {'data': {'batch_size': 128}, 'model': {'lr': 0.03}})
     >>> try:
     ...     parse_sweep_config("defenses:\n  - name: gausian_noise\n    strengths: [1]\n")
     ... except SweepConfigError as err:
@@ -101,6 +112,8 @@ _SECTIONS: dict[str, dict[str, Any]] = {
     },
 }
 _TOP_LEVEL = ("name", "defenses", "backend", "workers", *_SECTIONS)
+#: Sections a ``defenses:`` entry may override for its own trials (``overrides:``).
+OVERRIDABLE_SECTIONS = ("data", "model", "training")
 
 
 class SweepConfigError(ValueError):
@@ -133,13 +146,24 @@ class TrialSpec:
         defense: ``"none"``, ``"dpsgd"`` or a registered defense name.
         strength: The defense's main argument, ``None`` for ``"none"``.
         options: Other keyword arguments of the defense.
-        settings: The shared ``data``/``model``/``training``/``audit``/``leakage`` sections.
+        settings: The ``data``/``model``/``training``/``audit``/``leakage`` sections the trial
+            runs with: the shared ones with the entry's ``overrides`` applied.
+        overrides: The entry's own settings, ``{section: {key: value}}`` (already contained in
+            ``settings``; kept to show what differs from the shared settings).
+
+    Example:
+        >>> spec = TrialSpec("dpsgd", 1.0, {}, {"model": {"lr": 0.03}}, {"model": {"lr": 0.03}})
+        >>> spec.label, spec.overrides_text
+        ('dpsgd=1', 'model.lr=0.03')
+        >>> TrialSpec.from_dict(spec.to_dict()) == spec
+        True
     """
 
     defense: str
     strength: float | None
     options: Mapping[str, Any] = field(default_factory=dict)
     settings: Mapping[str, Any] = field(default_factory=dict)
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -152,8 +176,20 @@ class TrialSpec:
 
         A finished trial is skipped on rerun only if its fingerprint is unchanged.
         """
-        blob = json.dumps(asdict(self), sort_keys=True, default=str)
+        content = asdict(self)
+        if not content["overrides"]:  # trials without overrides keep their old fingerprints
+            del content["overrides"]
+        blob = json.dumps(content, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+    @property
+    def overrides_text(self) -> str:
+        """The overridden settings as ``section.key=value``, comma-separated (``""`` if none)."""
+        return ", ".join(
+            f"{section}.{key}={value}"
+            for section, values in self.overrides.items()
+            for key, value in values.items()
+        )
 
     @property
     def trial_id(self) -> str:
@@ -168,16 +204,24 @@ class TrialSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrialSpec:
         """Inverse of :meth:`to_dict`."""
-        return cls(data["defense"], data["strength"], dict(data["options"]), dict(data["settings"]))
+        overrides = {str(k): dict(v) for k, v in dict(data.get("overrides") or {}).items()}
+        return cls(
+            data["defense"],
+            data["strength"],
+            dict(data["options"]),
+            dict(data["settings"]),
+            overrides,
+        )
 
 
 @dataclass(frozen=True)
 class DefenseGrid:
-    """One ``defenses:`` entry: a defense and the strengths to try."""
+    """One ``defenses:`` entry: a defense, the strengths to try and its own settings."""
 
     name: str
     strengths: tuple[float | None, ...]
     options: Mapping[str, Any]
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -194,8 +238,14 @@ class SweepConfig:
         """The grid, in file order, without duplicates."""
         seen: dict[str, TrialSpec] = {}
         for grid in self.defenses:
+            settings = {
+                k: (dict(v) if isinstance(v, Mapping) else v) for k, v in self.settings.items()
+            }
+            for section, values in grid.overrides.items():
+                settings[section] = {**settings[section], **values}
+            overrides = {k: dict(v) for k, v in grid.overrides.items()}
             for strength in grid.strengths:
-                spec = TrialSpec(grid.name, strength, dict(grid.options), dict(self.settings))
+                spec = TrialSpec(grid.name, strength, dict(grid.options), settings, overrides)
                 seen.setdefault(spec.trial_id, spec)
         return list(seen.values())
 
@@ -299,13 +349,16 @@ def _check_defense(doc: _Located, entry: Any, index: int, known: list[str]) -> D
             f"{base}.name",
             f"Unknown defense {name!r}.{hint} Available: {', '.join(repr(k) for k in known)}.",
         )
-    options = {k: v for k, v in entry.items() if k not in ("name", "strengths", "param")}
+    options = {
+        k: v for k, v in entry.items() if k not in ("name", "strengths", "param", "overrides")
+    }
+    overrides = _check_overrides(doc, entry.get("overrides", {}), f"{base}.overrides")
     if name == "none":
         if "strengths" in entry:
             raise doc.error(f"{base}.strengths", "The defense 'none' takes no strengths.")
         if options:
             raise doc.error(f"{base}.{next(iter(options))}", "The defense 'none' takes no options.")
-        return DefenseGrid(name, (None,), {})
+        return DefenseGrid(name, (None,), {}, overrides)
     if "strengths" not in entry:
         param = STRENGTH_PARAMETERS.get(name, "strength")
         raise doc.error(
@@ -342,7 +395,33 @@ def _check_defense(doc: _Located, entry: Any, index: int, known: list[str]) -> D
             )
     else:
         _check_transform(doc, name, strengths, options, base)
-    return DefenseGrid(name, strengths, options)
+    return DefenseGrid(name, strengths, options, overrides)
+
+
+def _check_overrides(doc: _Located, raw: Any, base: str) -> dict[str, dict[str, Any]]:
+    """A defense entry's ``overrides:``, nested (``model: {lr: 0.03}``) or dotted (``model.lr``).
+
+    Only the keys given are checked (with the same rules as the shared sections); they are merged
+    into the shared settings when the grid is expanded.
+    """
+    if raw is None:
+        return {}
+    raw = _check_mapping(doc, raw, base)
+    overrides: dict[str, dict[str, Any]] = {}
+    for key, value in raw.items():
+        section, dot, sub = str(key).partition(".")
+        if section not in OVERRIDABLE_SECTIONS:
+            _unknown_keys(doc, {key: None}, OVERRIDABLE_SECTIONS, f"{base}.")
+        values = {sub: value} if dot else _check_mapping(doc, value, f"{base}.{section}")
+        _unknown_keys(doc, values, _SECTIONS[section], f"{base}.{section}.")
+        for name, item in values.items():
+            if name in overrides.get(section, {}):
+                raise doc.error(
+                    f"{base}.{section}.{name}", f"`{section}.{name}` is overridden twice."
+                )
+            overrides.setdefault(section, {})[name] = item
+    _check_core_values(doc, overrides, f"{base}.")
+    return {section: overrides[section] for section in sorted(overrides)}
 
 
 def _check_transform(
@@ -365,6 +444,50 @@ def _check_transform(
             raise doc.error(f"{base}.strengths[{i}]", str(err)) from None
 
 
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.dataset": DATASETS,
+    "model.name": MODELS,
+    "model.optimizer": OPTIMIZERS,
+}
+#: ``key: (integer, positive, optional)`` of the numeric data/model/training settings.
+_NUMBERS: dict[str, tuple[bool, bool, bool]] = {
+    "data.image_size": (True, True, False),
+    "data.batch_size": (True, True, False),
+    "model.lr": (False, True, False),
+    "training.epochs": (True, True, False),
+    "training.seed": (True, False, False),
+    "training.limit_train_batches": (True, True, True),
+}
+
+
+def _check_core_values(doc: _Located, sections: Mapping[str, Any], prefix: str) -> None:
+    """Check the ``data``/``model``/``training`` values present in ``sections``.
+
+    ``prefix`` locates them in the file (``""`` for the shared sections,
+    ``defenses[i].overrides.`` for an entry's overrides).
+    """
+    for section in OVERRIDABLE_SECTIONS:
+        for name, value in (sections.get(section) or {}).items():
+            key = f"{section}.{name}"
+            if key in _CHOICES and value not in _CHOICES[key]:
+                allowed = ", ".join(repr(c) for c in _CHOICES[key])
+                raise doc.error(
+                    prefix + key,
+                    f"Expected `{key}` to be one of {allowed}, but got {describe(value)}.",
+                )
+            if key in _NUMBERS:
+                integer, positive, optional = _NUMBERS[key]
+                _check_number(
+                    doc,
+                    prefix + key,
+                    value,
+                    name=name,
+                    integer=integer,
+                    positive=positive,
+                    optional=optional,
+                )
+
+
 def _check_settings(doc: _Located, data: dict[str, Any]) -> dict[str, Any]:
     settings: dict[str, Any] = {}
     for section, defaults in _SECTIONS.items():
@@ -375,35 +498,7 @@ def _check_settings(doc: _Located, data: dict[str, Any]) -> dict[str, Any]:
         raw = _check_mapping(doc, raw if raw is not None else {}, section)
         _unknown_keys(doc, raw, defaults, f"{section}.")
         settings[section] = {**defaults, **raw}
-    d, m, t = settings["data"], settings["model"], settings["training"]
-    for key, choices, value in (
-        ("data.dataset", DATASETS, d["dataset"]),
-        ("model.name", MODELS, m["name"]),
-        ("model.optimizer", OPTIMIZERS, m["optimizer"]),
-    ):
-        if value not in choices:
-            allowed = ", ".join(repr(c) for c in choices)
-            raise doc.error(
-                key, f"Expected `{key}` to be one of {allowed}, but got {describe(value)}."
-            )
-    _check_number(
-        doc, "data.image_size", d["image_size"], name="image_size", integer=True, positive=True
-    )
-    _check_number(
-        doc, "data.batch_size", d["batch_size"], name="batch_size", integer=True, positive=True
-    )
-    _check_number(doc, "model.lr", m["lr"], name="lr", positive=True)
-    _check_number(doc, "training.epochs", t["epochs"], name="epochs", integer=True, positive=True)
-    _check_number(doc, "training.seed", t["seed"], name="seed", integer=True)
-    _check_number(
-        doc,
-        "training.limit_train_batches",
-        t["limit_train_batches"],
-        name="limit_train_batches",
-        integer=True,
-        positive=True,
-        optional=True,
-    )
+    _check_core_values(doc, settings, "")
     audit = settings["audit"]
     if audit is not None:
         _check_number(

@@ -273,9 +273,13 @@ def run_trial(
         out_dir: The sweep's output directory; the trial writes ``trials/<trial_id>/``.
         progress: Called with ``(finished_epochs, max_epochs)`` after every training epoch.
 
+    The trial trains with ``spec.settings`` (the shared settings with its defense entry's
+    ``overrides`` applied, e.g. DP-SGD's own learning rate and batch size).
+
     Returns:
         The result: ``val_acc``, ``epsilon``, ``attack_psnr``, ``attack_ssim``,
-        ``predicted_psnr``, ``seconds``, the logged ``history`` and the ``threat_model``.
+        ``predicted_psnr``, ``seconds``, the logged ``history``, the ``threat_model`` and the
+        ``overrides`` the trial ran with (``"model.lr=0.03, data.batch_size=128"``, or ``""``).
     """
     import lightning as L
 
@@ -328,6 +332,7 @@ def run_trial(
         "label": spec.label,
         "defense": spec.defense,
         "strength": spec.strength,
+        "overrides": spec.overrides_text,
         "val_acc": metrics.get("val/acc"),
         "epsilon": _finite_or_none(epsilon),
         "attack_psnr": metrics.get("attack/psnr", _last(history, "attack/psnr")),
@@ -392,6 +397,7 @@ def _unavailable(spec: TrialSpec, missing: list[str]) -> dict[str, Any]:
         "label": spec.label,
         "defense": spec.defense,
         "strength": spec.strength,
+        "overrides": spec.overrides_text,
         "status": "unavailable: " + ", ".join(missing),
         "missing": missing,
         "history": {},
@@ -421,6 +427,7 @@ def safe_run_trial(
             "label": spec.label,
             "defense": spec.defense,
             "strength": spec.strength,
+            "overrides": spec.overrides_text,
             "status": f"failed: {type(err).__name__}: {err}",
             "history": {},
         }

@@ -170,3 +170,134 @@ def test_example_sweep_config_is_valid():
         "magnitude_pruning",
         "dpsgd",
     }
+
+
+OVERRIDES = """\
+defenses:
+  - name: none
+  - name: dpsgd
+    strengths: [1.0]
+    max_grad_norm: 0.5
+    overrides:
+      model: {lr: 0.03}
+      data: {batch_size: 128}
+data: {image_size: 16}
+training: {epochs: 1}
+"""
+
+
+def test_override_changes_the_trials_module_lr_and_batch_size():
+    from lightning_privacy.sweep.trial import _build_model_and_data
+
+    none, dpsgd = parse_sweep_config(OVERRIDES).trials()
+    module, datamodule = _build_model_and_data(dpsgd.settings)
+    assert module.lr == 0.03 and datamodule.batch_size == 128
+    shared_module, shared_data = _build_model_and_data(none.settings)
+    assert shared_module.lr == 0.003 and shared_data.batch_size == 64  # others keep the shared
+    assert dpsgd.settings["data"]["image_size"] == 16  # non-overridden keys stay shared
+    assert dpsgd.overrides == {"data": {"batch_size": 128}, "model": {"lr": 0.03}}
+    assert none.overrides == {}
+
+
+def test_dotted_and_nested_overrides_are_the_same_trial():
+    dotted = OVERRIDES.replace(
+        "    overrides:\n      model: {lr: 0.03}\n      data: {batch_size: 128}\n",
+        "    overrides: {model.lr: 0.03, data.batch_size: 128}\n",
+    )
+    assert dotted != OVERRIDES
+    assert parse_sweep_config(dotted).trials()[1] == parse_sweep_config(OVERRIDES).trials()[1]
+
+
+def test_override_is_in_the_fingerprint_and_the_stored_setup(tmp_path):
+    import json
+
+    from lightning_privacy.sweep.runner import run_sweep
+
+    base = parse_sweep_config(OVERRIDES).trials()[1]
+    other = parse_sweep_config(OVERRIDES.replace("lr: 0.03", "lr: 0.01")).trials()[1]
+    assert base.label == other.label and base.trial_id != other.trial_id
+    # an entry without overrides (or with an empty mapping) keeps its fingerprint
+    empty = parse_sweep_config("defenses: [{name: none, overrides: {}}]").trials()[0]
+    assert empty.trial_id == parse_sweep_config("defenses: [{name: none}]").trials()[0].trial_id
+
+    def fake(spec, out):
+        return {"trial_id": spec["defense"], "status": "ok", "overrides": spec["overrides"]}
+
+    config = parse_sweep_config(OVERRIDES)
+    rows = run_sweep(config, tmp_path, trial_fn=fake, in_process=True, progress=False)
+    assert rows[1]["overrides"] == {"data": {"batch_size": 128}, "model": {"lr": 0.03}}
+    stored = json.loads((tmp_path / "sweep.json").read_text())
+    assert stored["defenses"][1]["overrides"]["model"] == {"lr": 0.03}
+    assert "lr: 0.03" in (tmp_path / "report.html").read_text()  # shown in the report's setup
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        (
+            "model: {lr: 0.03}",
+            "model: {learning_rat: 0.03}",
+            ["line 7", "defenses[1].overrides.model.learning_rat", "Unknown key"],
+        ),
+        (
+            "data: {batch_size: 128}",
+            "dat: {batch_size: 128}",
+            ["line 8", "defenses[1].overrides.dat", "Did you mean 'data'"],
+        ),
+        (
+            "data: {batch_size: 128}",
+            "data: {batch_sise: 128}",
+            ["line 8", "defenses[1].overrides.data.batch_sise", "Did you mean 'batch_size'"],
+        ),
+        (
+            "model: {lr: 0.03}",
+            "model: {lr: -0.03}",
+            ["line 7", "defenses[1].overrides.model.lr", "finite float > 0", "-0.03 (float)"],
+        ),
+        (
+            "data: {batch_size: 128}",
+            "data: {batch_size: 12.5}",
+            ["line 8", "overrides.data.batch_size", "Expected `batch_size` to be an int > 0"],
+        ),
+        (
+            "model: {lr: 0.03}",
+            "model: {optimizer: adamw}",
+            ["line 7", "overrides.model.optimizer", "'sgd', 'adam'", "'adamw' (str)"],
+        ),
+        (
+            "      model: {lr: 0.03}\n",
+            "      model: 0.03\n",
+            ["line 7", "defenses[1].overrides.model", "to be a mapping"],
+        ),
+        (
+            "      data: {batch_size: 128}\n",
+            "      audit: {num_samples: 2}\n",
+            ["line 8", "defenses[1].overrides.audit", "Allowed: 'data', 'model', 'training'"],
+        ),
+        (
+            "      data: {batch_size: 128}\n",
+            "      model.lr: 0.01\n",
+            ["line 8", "defenses[1].overrides.model.lr", "overridden twice"],
+        ),
+    ],
+    ids=[
+        "unknown-key",
+        "unknown-section",
+        "typo-suggestion",
+        "negative-lr",
+        "fractional-batch",
+        "bad-choice",
+        "not-a-mapping",
+        "not-overridable",
+        "twice",
+    ],
+)
+def test_bad_override_exits_2_naming_key_and_line(tmp_path, capsys, old, new, expected):
+    text = OVERRIDES.replace(old, new)
+    assert text != OVERRIDES
+    code, out = run_cli(tmp_path, text)
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2
+    for fragment in expected:
+        assert fragment in err, (fragment, err)
+    assert not out.exists(), "nothing may be written for an invalid configuration"
