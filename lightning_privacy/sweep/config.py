@@ -70,7 +70,7 @@ from typing import Any
 
 import yaml
 
-from lightning_privacy._validation import describe
+from lightning_privacy._validation import check_float, describe
 
 #: The main argument ("strength") of each known defense, by name.
 STRENGTH_PARAMETERS: dict[str, str] = {
@@ -475,6 +475,11 @@ def _check_core_values(doc: _Located, sections: Mapping[str, Any], prefix: str) 
                     prefix + key,
                     f"Expected `{key}` to be one of {allowed}, but got {describe(value)}.",
                 )
+            if key == "data.val_fraction":
+                try:
+                    check_float(name, value, low=0.0, high=1.0, low_open=True, high_open=True)
+                except (TypeError, ValueError) as err:
+                    raise doc.error(prefix + key, str(err)) from None
             if key in _NUMBERS:
                 integer, positive, optional = _NUMBERS[key]
                 _check_number(

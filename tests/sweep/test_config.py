@@ -58,6 +58,7 @@ def run_cli(tmp_path, text, *extra):
             ["line 8", "key `trainig`", "Did you mean 'training'"],
         ),
         (GOOD.replace("epochs: 1", "epochs: 0"), ["line 9", "training.epochs", "int > 0"]),
+        (GOOD + "data: {val_fraction: 1.0}\n", ["data.val_fraction", "< 1.0", "1.0 (float)"]),
         (GOOD.replace("  - name: none\n", "  - name: none\n   bad: [\n"), ["Invalid YAML"]),
         (
             GOOD.replace("  - name: none\n", "  - {name: none, strengths: [1]}\n"),
@@ -72,6 +73,7 @@ def run_cli(tmp_path, text, *extra):
         "unknown-backend",
         "unknown-key",
         "zero-epochs",
+        "val-fraction-one",
         "yaml-syntax",
         "none-with-strengths",
     ],
