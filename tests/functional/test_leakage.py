@@ -9,6 +9,7 @@ from lightning_privacy.functional.leakage import (
     LeakageOperator,
     conjugate_gradient,
     expected_gaussian_i2f,
+    gram_of_rows,
     i2f,
     i2f_from_operator,
     i2f_lower_bound,
@@ -72,6 +73,18 @@ def test_products_match_dense_jacobian(setup):
     assert rel(small.gram(), J @ J.T) < 1e-10 and rel(small.gram(row_budget=0), J @ J.T) < 1e-10
     batch = torch.stack([delta, 2 * delta, -delta])
     assert rel(op.jvp(batch).reshape(3, -1), batch @ J.T) < 1e-10
+
+
+def test_jacobian_rows_and_gram_of_rows(setup):
+    model, x, y, J, _ = setup
+    rows = LeakageOperator(model, x, y, chunk_size=7).jacobian_rows()  # ragged last chunk
+    assert rows.shape == J.shape and rel(rows, J) < 1e-12
+    gram = gram_of_rows(rows)  # BLAS syrk, one triangle
+    fallback = gram_of_rows(rows, use_blas=False, block=5)  # torch blocks below the diagonal
+    assert rel(gram, J @ J.T) < 1e-12 and rel(fallback, J @ J.T) < 1e-12
+    assert torch.equal(gram, gram.T) and torch.equal(fallback, fallback.T)
+    gram32 = gram_of_rows(rows.float())  # float32 products, float64 result
+    assert gram32.dtype == torch.float64 and rel(gram32, J @ J.T) < 1e-5
 
 
 @pytest.mark.parametrize("method", ["dense", "cg"])
