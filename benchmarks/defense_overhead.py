@@ -54,7 +54,9 @@ warnings.filterwarnings("ignore")
 CONFIGS = {
     "none": None,
     "gaussian_noise(std=1e-3)": [GaussianNoise(std=1e-3)],
+    "gaussian_noise, drawn in the hook": [GaussianNoise(std=1e-3)],
     "laplace_noise(scale=1e-3)": [LaplaceNoise(scale=1e-3)],
+    "laplace_noise, drawn in the hook": [LaplaceNoise(scale=1e-3)],
     "gradient_clipping(C=1)": [GradientClipping(max_norm=1.0)],
     "clipping + gaussian (formal)": [GradientClipping(max_norm=1.0), GaussianNoise(std=1e-3)],
     "magnitude_pruning(0.9, per_tensor)": [MagnitudePruning(ratio=0.9)],
@@ -62,6 +64,9 @@ CONFIGS = {
     "random_pruning(0.5)": [RandomPruning(ratio=0.5)],
     "low_rank(rank=4)": [LowRankFiltering(rank=4)],
 }
+# GradientDefense(draw_noise_ahead=False): the noise is drawn inside on_before_optimizer_step
+# instead of in a background thread during the forward/backward pass (the cost with no spare core)
+IN_HOOK = {"gaussian_noise, drawn in the hook", "laplace_noise, drawn in the hook"}
 TARGETS = {
     "gaussian_noise(std=1e-3)": 1.03,
     "laplace_noise(scale=1e-3)": 1.03,
@@ -91,7 +96,10 @@ class Interleaved(L.Callback):
 
     def __init__(self, configs, rounds, warmup, seed=0):
         self.defenses = {
-            name: None if t is None else GradientDefense(t, seed=0) for name, t in configs.items()
+            name: None
+            if t is None
+            else GradientDefense(t, seed=0, draw_noise_ahead=name not in IN_HOOK)
+            for name, t in configs.items()
         }
         rng = random.Random(seed)
         names = list(configs)
@@ -115,17 +123,30 @@ class Interleaved(L.Callback):
     def on_fit_start(self, trainer, pl_module):
         self._all("on_fit_start", trainer, pl_module)
 
+    def on_train_start(self, trainer, pl_module):
+        self._all("on_train_start", trainer, pl_module)
+
+    def teardown(self, trainer, pl_module, stage):
+        self._all("teardown", trainer, pl_module, stage)
+
+    def _active(self):
+        return self.defenses[self.schedule[self.step]]
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.t0 = time.perf_counter()
+        if self._active() is not None:  # starts the background draw of the step's noise
+            self._active().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        active = self.defenses[self.schedule[self.step]]
+        active = self._active()
         t0 = time.perf_counter()
         if active is not None:
             active.on_before_optimizer_step(trainer, pl_module, optimizer)
         self.defense_dt = time.perf_counter() - t0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._active() is not None:
+            self._active().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         dt = time.perf_counter() - self.t0
         if self.step >= self.warmup:
             self.times[self.schedule[self.step]].append(dt)

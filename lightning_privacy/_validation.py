@@ -98,6 +98,18 @@ def check_int(name: str, value: Any, *, low: int | None = None, high: int | None
     return value
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """Validate a flag (``True``/``False``; ``0``/``1`` and other truthy values are rejected).
+
+    Example:
+        >>> check_bool("draw_noise_ahead", False)
+        False
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"Expected `{name}` to be a bool, but got {describe(value)}.")
+    return value
+
+
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     """Validate that ``value`` is one of ``choices``.
 

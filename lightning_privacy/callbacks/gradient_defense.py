@@ -19,7 +19,10 @@ Which gradient is defended (the threat model):
 
 Randomness: one stream per (seed, rank, optimizer step) -- the generator is re-seeded from a hash
 of the three, so a run resumed from a checkpoint (which stores the seed) continues the exact
-stream, and ranks are independent under ``local`` and identical under ``aggregate``.
+stream, and ranks are independent under ``local`` and identical under ``aggregate``. With
+``single``/``aggregate`` on CPU the noise of ``GaussianNoise``/``LaplaceNoise`` is drawn from that
+stream in a background thread while the step's forward and backward passes run
+(``draw_noise_ahead``), bitwise the noise the hook would draw, and only added in the hook.
 
 Guarantee: none of the transforms is differentially private on its own. The pipeline
 ``[GradientClipping(max_norm=C), GaussianNoise(std=sigma * C)]`` applied to all parameters is a
@@ -66,8 +69,20 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleD
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Generator, Tensor, nn
 
-from lightning_privacy._validation import check_choice, check_float, check_int, describe
-from lightning_privacy.defenses.base import GradientTransform, apply_transforms
+from lightning_privacy._validation import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    describe,
+)
+from lightning_privacy.callbacks._noise_ahead import NoiseAhead, noise_key
+from lightning_privacy.defenses.base import (
+    DrawnNoise,
+    GradientTransform,
+    apply_transforms,
+    can_draw_noise_ahead,
+)
 from lightning_privacy.defenses.transforms import (
     GaussianNoise,
     GradientClipping,
@@ -122,6 +137,11 @@ class GradientDefense(Callback):
             pipeline ``[GradientClipping(max_norm=C), GaussianNoise(std=sigma * C)]``).
         target_delta: The delta of the reported epsilon; default ``1 / (10 N)`` with ``N`` the
             training-set size. Only used with the formal pipeline.
+        draw_noise_ahead: Draw the noise of ``GaussianNoise``/``LaplaceNoise`` for each step in a
+            background thread from the start of the step's first batch, so that it overlaps
+            with the forward and backward passes (CPU parameters, placements ``"single"`` and
+            ``"aggregate"``, one optimizer, no other random transform). The noise is bitwise
+            the one drawn in the hook; ``False`` draws it in the hook.
 
     Attributes:
         transforms: The pipeline, a tuple.
@@ -152,6 +172,7 @@ class GradientDefense(Callback):
         seed: int | None = None,
         max_epsilon: float | None = None,
         target_delta: float | None = None,
+        draw_noise_ahead: bool = True,
     ) -> None:
         super().__init__()
         self.transforms: tuple[GradientTransform, ...] = _check_transforms(transforms)
@@ -168,6 +189,7 @@ class GradientDefense(Callback):
                 "target_delta", target_delta, low=0.0, high=1.0, low_open=True, high_open=True
             )
         )
+        self.draw_noise_ahead = check_bool("draw_noise_ahead", draw_noise_ahead)
         self.formal = self._formal_pipeline()
         if self.max_epsilon is not None and self.formal is None:
             raise ValueError(
@@ -196,6 +218,8 @@ class GradientDefense(Callback):
         self._accountant: Any = None
         self._accountant_state: dict[str, Any] | None = None
         self._delta: float | None = None
+        self._ahead = NoiseAhead(self.transforms)
+        self._ahead_params: list[nn.Parameter] = []
 
     # ------------------------------------------------------------------ configuration
     def _formal_pipeline(self) -> tuple[float, float] | None:
@@ -295,26 +319,32 @@ class GradientDefense(Callback):
         return self._trainer.global_step if self._trainer is not None else 0
 
     # ------------------------------------------------------------------ the defense
-    def _defend(self, grads: list[Tensor], generator: Generator, scale: float = 1.0) -> None:
+    def _defend(
+        self,
+        grads: list[Tensor],
+        generator: Generator,
+        scale: float = 1.0,
+        noise: DrawnNoise | None = None,
+    ) -> None:
         """Transform ``grads`` in place (they may be bucket views) and record statistics."""
         if not grads:
             return
         originals = grads if scale == 1.0 else [g / scale for g in grads]
-        defended = apply_transforms(self.transforms, originals, generator=generator)
-        self._record(originals, defended)
+        defended = apply_transforms(self.transforms, originals, generator=generator, noise=noise)
+        grad_sq = _squared_norm(originals)
+        # The originals are overwritten below, so they can hold `original - defended` in place
+        # (no copy of the whole gradient); a transform that returned its input changed nothing.
+        changed = [
+            g.sub_(d) for g, d in zip(originals, defended, strict=True) if not _aliases(d, g)
+        ]
+        self._record(grad_sq, _squared_norm(changed), defended)
         for g, d in zip(grads, defended, strict=True):
-            g.copy_(d if scale == 1.0 else d * scale)
+            if not _aliases(d, g):
+                g.copy_(d if scale == 1.0 else d * scale)
 
-    def _record(self, originals: list[Tensor], defended: list[Tensor]) -> None:
+    def _record(self, grad_sq: Tensor, pert_sq: Tensor, defended: list[Tensor]) -> None:
         f32 = torch.float32
-        sq = torch.stack([torch.linalg.vector_norm(g, dtype=f32).square() for g in originals])
-        pert = torch.stack(
-            [
-                torch.linalg.vector_norm(d - g, dtype=f32).square()
-                for g, d in zip(originals, defended, strict=True)
-            ]
-        )
-        stats = {"grad_sq": sq.sum(), "pert_sq": pert.sum()}
+        stats = {"grad_sq": grad_sq, "pert_sq": pert_sq}
         if self._prunes:
             stats["zeros"] = sum((d == 0).sum() for d in defended).to(f32)  # type: ignore[union-attr]
             stats["numel"] = torch.tensor(float(sum(d.numel() for d in defended)))
@@ -330,17 +360,17 @@ class GradientDefense(Callback):
             if owned is None:
                 owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
                 self._optimizer_params[id(optimizer)] = owned
-            grads = [
-                p.grad for p in self._selected.values() if p.grad is not None and id(p) in owned
-            ]
+            params = [p for p in self._selected.values() if p.grad is not None and id(p) in owned]
+            grads = [p.grad for p in params if p.grad is not None]
             if grads:
                 scale = 1.0
                 if self._scaler is not None and getattr(
                     optimizer, "_step_supports_amp_scaling", False
                 ):
                     scale = float(self._scaler.get_scale())  # fused optimizers unscale in step()
+                noise = self._ahead.take(noise_key(trainer.global_step, params, grads))
                 gen = self._generator(grads[0].device, stream=0, step=trainer.global_step)
-                self._defend(grads, gen, scale)
+                self._defend(grads, gen, scale, noise)
         self._log_stats(pl_module)
 
     def _log_stats(self, pl_module: L.LightningModule) -> None:
@@ -399,9 +429,51 @@ class GradientDefense(Callback):
         assert work is not None  # async_op=True always returns a Work
         return work.get_future().then(lambda f: f.value()[0])
 
+    # ------------------------------------------------------------------ noise drawn ahead
+    def _noise_ahead_params(self, trainer: L.Trainer) -> list[nn.Parameter]:
+        """The parameters whose noise is drawn ahead, or ``[]`` where it is drawn in the hook."""
+        if (
+            not self.draw_noise_ahead
+            or self.placement == "local"
+            or not can_draw_noise_ahead(self.transforms)
+            or len(trainer.optimizers) != 1
+        ):
+            return []
+        owned = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+        params = [p for p in self._selected.values() if p.requires_grad and id(p) in owned]
+        return params if params and all(p.device.type == "cpu" for p in params) else []
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Start drawing this step's noise (once per optimizer step, also under accumulation)."""
+        if self._ahead_params:
+            assert self._base_seed is not None  # set in setup
+            step = trainer.global_step
+            key = noise_key(step, self._ahead_params, self._ahead_params)
+            self._ahead.start(key, self._ahead_params, seed=derive_seed(self._base_seed, 0, step))
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Discard a draw the step did not use, unless an accumulating step still needs it."""
+        if self._ahead_params and not _accumulating(trainer):
+            self._ahead.drop()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Stop the background thread."""
+        self._ahead.close()
+        self._ahead_params = []
+
     # ------------------------------------------------------------------ privacy accounting
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Build the batch-clipping accountant for the formal pipeline (needs the data size)."""
+        """Prepare noise drawn ahead; build the formal pipeline's accountant (needs the data)."""
+        self._ahead_params = self._noise_ahead_params(trainer)
         if self.formal is None:
             return
         from lightning_privacy.accountants import BatchClippingAccountant
@@ -474,6 +546,26 @@ class GradientDefense(Callback):
         if state_dict.get("seed") is not None:
             self._base_seed = int(state_dict["seed"])
         self._accountant_state = state_dict.get("accountant")
+
+
+def _aliases(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors start at the same memory (a transform returned its input)."""
+    return a.data_ptr() == b.data_ptr()
+
+
+def _squared_norm(tensors: list[Tensor]) -> Tensor:
+    """``sum ||t||^2`` in float32 (a 0-d tensor; no host sync)."""
+    if not tensors:
+        return torch.zeros(())
+    return torch.stack(
+        [torch.linalg.vector_norm(t, dtype=torch.float32).square() for t in tensors]
+    ).sum()
+
+
+def _accumulating(trainer: L.Trainer) -> bool:
+    """Whether the batch that just ended was not the last one of its optimizer step."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    return bool(getattr(epoch_loop, "_should_accumulate", lambda: False)())
 
 
 def _dataset_size(trainer: L.Trainer) -> int | None:

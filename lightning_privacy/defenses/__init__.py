@@ -8,7 +8,12 @@ Example:
     MagnitudePruning(ratio=0.9, scope='per_tensor')
 """
 
-from lightning_privacy.defenses.base import GradientTransform, apply_transforms
+from lightning_privacy.defenses.base import (
+    AdditiveNoise,
+    GradientTransform,
+    apply_transforms,
+    draw_noise,
+)
 from lightning_privacy.defenses.transforms import (
     DEFENSES,
     GaussianNoise,
@@ -23,6 +28,7 @@ from lightning_privacy.defenses.transforms import (
 
 __all__ = [
     "DEFENSES",
+    "AdditiveNoise",
     "GaussianNoise",
     "GradientClipping",
     "GradientTransform",
@@ -32,5 +38,6 @@ __all__ = [
     "RandomPruning",
     "apply_transforms",
     "create_defense",
+    "draw_noise",
     "list_defenses",
 ]

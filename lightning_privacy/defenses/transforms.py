@@ -29,7 +29,7 @@ from torch import Generator, Tensor
 
 from lightning_privacy._registry import Registry
 from lightning_privacy._validation import check_choice, check_float, check_int
-from lightning_privacy.defenses.base import GradientTransform
+from lightning_privacy.defenses.base import AdditiveNoise, GradientTransform
 from lightning_privacy.functional import defenses as F
 
 DEFENSES: Registry[GradientTransform] = Registry("defense")
@@ -37,7 +37,7 @@ DEFENSES: Registry[GradientTransform] = Registry("defense")
 
 @DEFENSES.register("gaussian_noise")
 @dataclass(frozen=True, kw_only=True)
-class GaussianNoise(GradientTransform):
+class GaussianNoise(AdditiveNoise):
     """Add i.i.d. Gaussian noise ``N(0, std^2)`` to every gradient entry.
 
     Without clipping the sensitivity is unbounded, so this alone gives no formal guarantee.
@@ -60,16 +60,16 @@ class GaussianNoise(GradientTransform):
     def __post_init__(self) -> None:
         object.__setattr__(self, "std", check_float("std", self.std, low=0.0))
 
-    def __call__(
-        self, gradients: Sequence[Tensor], *, generator: Generator | None = None
-    ) -> list[Tensor]:
-        """Noisy copies of ``gradients``."""
-        return F.gaussian_noise(gradients, std=self.std, generator=generator)
+    def sample(
+        self, like: Sequence[Tensor], *, generator: Generator | None = None
+    ) -> list[Tensor] | None:
+        """The noise (``None`` for ``std=0``), see :func:`~.functional.gaussian_noise_sample`."""
+        return F.gaussian_noise_sample(like, std=self.std, generator=generator)
 
 
 @DEFENSES.register("laplace_noise")
 @dataclass(frozen=True, kw_only=True)
-class LaplaceNoise(GradientTransform):
+class LaplaceNoise(AdditiveNoise):
     """Add i.i.d. Laplace noise of scale ``b`` (variance ``2 b^2``) to every entry.
 
     The Gaussian-mechanism accountants do not cover Laplace noise: no epsilon is reported.
@@ -89,11 +89,11 @@ class LaplaceNoise(GradientTransform):
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", check_float("scale", self.scale, low=0.0))
 
-    def __call__(
-        self, gradients: Sequence[Tensor], *, generator: Generator | None = None
-    ) -> list[Tensor]:
-        """Noisy copies of ``gradients``."""
-        return F.laplace_noise(gradients, scale=self.scale, generator=generator)
+    def sample(
+        self, like: Sequence[Tensor], *, generator: Generator | None = None
+    ) -> list[Tensor] | None:
+        """The noise (``None`` for ``scale=0``), see :func:`~.functional.laplace_noise_sample`."""
+        return F.laplace_noise_sample(like, scale=self.scale, generator=generator)
 
 
 @DEFENSES.register("gradient_clipping")
@@ -116,6 +116,7 @@ class GradientClipping(GradientTransform):
 
     max_norm: float
     provides_formal_dp: ClassVar[bool] = False
+    uses_randomness: ClassVar[bool] = False
     needs_global_view: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -150,6 +151,7 @@ class MagnitudePruning(GradientTransform):
     ratio: float
     scope: str = "per_tensor"
     provides_formal_dp: ClassVar[bool] = False
+    uses_randomness: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         ratio = check_float("ratio", self.ratio, low=0.0, high=1.0, high_open=True)
@@ -216,6 +218,7 @@ class LowRankFiltering(GradientTransform):
 
     rank: int
     provides_formal_dp: ClassVar[bool] = False
+    uses_randomness: ClassVar[bool] = False
     needs_global_view: ClassVar[bool] = False
 
     def __post_init__(self) -> None:

@@ -39,11 +39,14 @@ from torch import Generator, Tensor
 from lightning_privacy._validation import check_choice, check_float, check_int, describe
 
 __all__ = [
+    "add_noise",
     "clip_by_global_norm",
     "gaussian_noise",
+    "gaussian_noise_sample",
     "global_norm",
     "kth_largest",
     "laplace_noise",
+    "laplace_noise_sample",
     "low_rank",
     "magnitude_pruning",
     "random_pruning",
@@ -82,6 +85,40 @@ def global_norm(grads: Sequence[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
+def gaussian_noise_sample(
+    like: Sequence[Tensor], *, std: float, generator: Generator | None = None
+) -> list[Tensor] | None:
+    """Draw the noise :func:`gaussian_noise` adds: i.i.d. ``N(0, std^2)`` shaped like ``like``.
+
+    The noise does not depend on the values of ``like`` (only on shapes, dtypes and devices), so
+    it can be drawn before the gradient exists; ``gaussian_noise(g)`` equals
+    ``[n + x for n, x in zip(gaussian_noise_sample(g), g)]`` bitwise for the same generator state.
+
+    Args:
+        like: Tensors whose shapes, dtypes and devices the noise takes.
+        std: Standard deviation (>= 0).
+        generator: Source of randomness (on the tensors' device).
+
+    Returns:
+        One noise tensor per entry of ``like``, or ``None`` for ``std=0`` (nothing is drawn).
+
+    Example:
+        >>> import torch
+        >>> noise = gaussian_noise_sample([torch.empty(4, 3)], std=1.0,
+        ...                               generator=torch.Generator().manual_seed(0))
+        >>> noise[0].shape, gaussian_noise_sample([torch.empty(2)], std=0.0)
+        (torch.Size([4, 3]), None)
+    """
+    std = check_float("std", std, low=0.0)
+    tensors = _as_list(like)
+    if std == 0.0:
+        return None
+    return [
+        torch.empty(g.shape, dtype=g.dtype, device=g.device).normal_(0.0, std, generator=generator)
+        for g in tensors
+    ]
+
+
 def gaussian_noise(
     grads: Sequence[Tensor], *, std: float, generator: Generator | None = None
 ) -> list[Tensor]:
@@ -103,14 +140,50 @@ def gaussian_noise(
         >>> round(out[0].std().item(), 1)
         2.0
     """
-    std = check_float("std", std, low=0.0)
     tensors = _as_list(grads)
-    if std == 0.0:
-        return [g.clone() for g in tensors]
-    return [
-        torch.randn(g.shape, generator=generator, dtype=g.dtype, device=g.device).mul_(std).add_(g)
-        for g in tensors
-    ]
+    return add_noise(tensors, gaussian_noise_sample(tensors, std=std, generator=generator))
+
+
+def laplace_noise_sample(
+    like: Sequence[Tensor], *, scale: float, generator: Generator | None = None
+) -> list[Tensor] | None:
+    """Draw the noise :func:`laplace_noise` adds: i.i.d. Laplace(``scale``) shaped like ``like``.
+
+    Sampled by inversion from one uniform ``u`` in ``[0, 1)`` per entry (float32 for half
+    precision): the integer part of ``2u`` is the sign and its fractional part ``w`` (uniform in
+    ``[0, 1)``, independent of the sign) gives the magnitude ``-b * log1p(-w)``, a standard
+    exponential times ``b``, always finite. The variance is ``2 b^2``. Like
+    :func:`gaussian_noise_sample` it depends only on shapes, dtypes and devices.
+
+    Args:
+        like: Tensors whose shapes, dtypes and devices the noise takes.
+        scale: The Laplace scale ``b`` (>= 0).
+        generator: Source of randomness.
+
+    Returns:
+        One noise tensor per entry of ``like``, or ``None`` for ``scale=0``.
+
+    Example:
+        >>> import torch
+        >>> noise = laplace_noise_sample([torch.empty(20_000)], scale=1.0,
+        ...                              generator=torch.Generator().manual_seed(0))
+        >>> round(noise[0].var().item(), 0), round(noise[0].abs().mean().item(), 1)
+        (2.0, 1.0)
+    """
+    scale = check_float("scale", scale, low=0.0)
+    tensors = _as_list(like)
+    if scale == 0.0:
+        return None
+    out = []
+    for g in tensors:
+        dtype = g.dtype if g.dtype in (torch.float32, torch.float64) else torch.float32
+        doubled = torch.rand(g.shape, generator=generator, dtype=dtype, device=g.device).mul_(2.0)
+        sign_bit = doubled.floor()  # 0 or 1, independent of the fraction
+        magnitude = doubled.sub_(sign_bit).neg_().log1p_()  # log(1 - w) = -Exp(1), finite
+        # sign_bit 1 -> factor -b (noise = b * Exp(1) > 0); sign_bit 0 -> factor +b
+        noise = magnitude.mul_(sign_bit.mul_(-2.0 * scale).add_(scale))
+        out.append(noise if noise.dtype == g.dtype else noise.to(g.dtype))
+    return out
 
 
 def laplace_noise(
@@ -118,9 +191,7 @@ def laplace_noise(
 ) -> list[Tensor]:
     """Add i.i.d. Laplace noise with scale ``b`` (density ``exp(-|x|/b) / 2b``) to every entry.
 
-    Sampled by inversion from one uniform ``u`` in ``[0, 1)`` per entry: the sign is ``u < 1/2``
-    and the magnitude ``-b * log1p(-w)`` with ``w = 2u mod 1`` (uniform in ``[0, 1)``, so the
-    noise is always finite): a standard exponential times ``b``. The variance is ``2 b^2``.
+    The noise is :func:`laplace_noise_sample`'s; the variance is ``2 b^2``.
 
     Args:
         grads: Gradients, one tensor per parameter.
@@ -137,21 +208,35 @@ def laplace_noise(
         >>> round(out[0].var().item(), 0)
         2.0
     """
-    scale = check_float("scale", scale, low=0.0)
     tensors = _as_list(grads)
-    if scale == 0.0:
+    return add_noise(tensors, laplace_noise_sample(tensors, scale=scale, generator=generator))
+
+
+def add_noise(grads: Sequence[Tensor], noise: Sequence[Tensor] | None) -> list[Tensor]:
+    """``grads + noise`` as new tensors (``noise`` is consumed: the sums are written into it).
+
+    ``noise=None`` (a sampler's "nothing drawn") returns exact copies of ``grads``.
+
+    Args:
+        grads: Gradients, one tensor per parameter.
+        noise: Tensors of the same shapes, e.g. from :func:`gaussian_noise_sample`, or ``None``.
+
+    Returns:
+        The noisy gradients.
+
+    Example:
+        >>> import torch
+        >>> add_noise([torch.ones(2)], [torch.tensor([0.5, -0.5])])
+        [tensor([1.5000, 0.5000])]
+    """
+    tensors = _as_list(grads)
+    if noise is None:
         return [g.clone() for g in tensors]
-    out = []
-    for g in tensors:
-        dtype = g.dtype if g.dtype in (torch.float32, torch.float64) else torch.float32
-        u = torch.rand(g.shape, generator=generator, dtype=dtype, device=g.device)
-        negative = u < 0.5
-        # w = 2u on [0, 1/2), 2u - 1 on [1/2, 1): uniform on [0, 1), so log1p(-w) is finite
-        w = u.mul_(2.0).sub_(negative.logical_not().to(dtype))
-        magnitude = w.neg_().log1p_().mul_(-scale)
-        noise = torch.where(negative, -magnitude, magnitude)
-        out.append(noise.to(g.dtype).add_(g))
-    return out
+    if len(noise) != len(tensors):
+        raise ValueError(
+            f"Expected one noise tensor per gradient ({len(tensors)}), but got {len(noise)}."
+        )
+    return [n.add_(g) for n, g in zip(noise, tensors, strict=True)]
 
 
 def clip_by_global_norm(grads: Sequence[Tensor], *, max_norm: float) -> list[Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from types import SimpleNamespace
@@ -301,8 +302,13 @@ def test_formal_pipeline_logs_epsilon_and_stops(fast_trainer_kwargs):
 
 
 def test_informal_pipeline_logs_no_epsilon(fast_trainer_kwargs, caplog):
-    trainer, _ = fit(fast_trainer_kwargs, [GradientDefense(GaussianNoise(std=0.1))])
+    with caplog.at_level(logging.INFO):
+        trainer, _ = fit(fast_trainer_kwargs, [GradientDefense(GaussianNoise(std=0.1))])
     assert "privacy/epsilon" not in trainer.callback_metrics
+    said = [
+        r.getMessage() for r in caplog.records if "no formal privacy guarantee" in r.getMessage()
+    ]
+    assert len(said) == 1  # said once, not per step
 
 
 @pytest.mark.parametrize(
@@ -408,3 +414,38 @@ def test_ddp_placements_mean_single_in_one_process(fast_trainer_kwargs, placemen
     assert defense.placement == placement
     fit(fast_trainer_kwargs, [defense])
     assert defense.placement == "single"
+
+
+NOISY = [GradientClipping(max_norm=0.5), GaussianNoise(std=0.1), LaplaceNoise(scale=0.05)]
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_noise_drawn_ahead_is_bitwise_the_noise_drawn_in_the_hook(fast_trainer_kwargs, accumulate):
+    ahead = GradientDefense(NOISY, seed=3)
+    used = []
+    take = ahead._ahead.take
+
+    def spy(key):
+        noise = take(key)
+        used.append(noise is not None)
+        return noise
+
+    ahead._ahead.take = spy
+    steps = dict(max_steps=3, accumulate_grad_batches=accumulate)
+    _, early = fit(fast_trainer_kwargs, [ahead], **steps)
+    in_hook = GradientDefense(NOISY, seed=3, draw_noise_ahead=False)
+    _, late = fit(fast_trainer_kwargs, [in_hook], **steps)
+    assert used == [True, True, True]  # every step used the draw made in the background
+    assert ahead._ahead._pool is None and in_hook._ahead._pool is None  # thread stopped
+    for (n, a), b in zip(params(early).items(), params(late).values(), strict=True):
+        assert torch.equal(a, b), n
+    _, other_seed = fit(fast_trainer_kwargs, [GradientDefense(NOISY, seed=4)], **steps)
+    assert not torch.equal(params(early)["net.0.weight"], params(other_seed)["net.0.weight"])
+
+
+def test_noise_is_drawn_in_the_hook_where_it_cannot_be_drawn_ahead(fast_trainer_kwargs):
+    random_mask = GradientDefense([GaussianNoise(std=0.1), RandomPruning(ratio=0.5)])
+    fit(fast_trainer_kwargs, [random_mask])
+    assert random_mask._ahead_params == [] and random_mask._ahead._pool is None
+    with pytest.raises(TypeError, match="draw_noise_ahead"):
+        GradientDefense(GaussianNoise(std=0.1), draw_noise_ahead=1)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lightning_privacy.defenses import (
+    AdditiveNoise,
     GaussianNoise,
     GradientClipping,
     GradientTransform,
@@ -13,6 +14,7 @@ from lightning_privacy.defenses import (
     RandomPruning,
     apply_transforms,
     create_defense,
+    draw_noise,
     list_defenses,
 )
 from lightning_privacy.functional import (
@@ -104,3 +106,31 @@ def test_components_match_functions():
 def test_bad_settings(build, exc, match):
     with pytest.raises(exc, match=match):
         build()
+
+
+@pytest.mark.parametrize(
+    "pipeline",
+    [
+        [GaussianNoise(std=0.1)],
+        [LaplaceNoise(scale=0.1)],
+        [GradientClipping(max_norm=0.5), GaussianNoise(std=0.1)],
+        [GaussianNoise(std=0.1), MagnitudePruning(ratio=0.5), LaplaceNoise(scale=0.2)],
+        [GaussianNoise(std=0.0)],
+    ],
+    ids=lambda p: "+".join(type(t).__name__ for t in p),
+)
+def test_noise_drawn_ahead_gives_bitwise_the_same_pipeline(pipeline):
+    grads = [torch.randn(4, 3), torch.randn(5)]
+    noise = draw_noise(pipeline, grads, generator=torch.Generator().manual_seed(9))
+    assert noise is not None and set(noise) == {
+        i for i, t in enumerate(pipeline) if isinstance(t, AdditiveNoise)
+    }
+    early = apply_transforms(pipeline, grads, noise=noise)
+    now = apply_transforms(pipeline, grads, generator=torch.Generator().manual_seed(9))
+    assert all(torch.equal(a, b) for a, b in zip(early, now, strict=True))
+
+
+def test_noise_is_not_drawn_ahead_when_other_randomness_or_none():
+    grads = [torch.randn(3)]
+    assert draw_noise([GaussianNoise(std=0.1), RandomPruning(ratio=0.5)], grads) is None
+    assert draw_noise([GradientClipping(max_norm=1.0), LowRankFiltering(rank=1)], grads) is None

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from scipy import stats
 
 from lightning_privacy.functional import (
     clip_by_global_norm,
@@ -11,6 +12,11 @@ from lightning_privacy.functional import (
     low_rank,
     magnitude_pruning,
     random_pruning,
+)
+from lightning_privacy.functional.defenses import (
+    add_noise,
+    gaussian_noise_sample,
+    laplace_noise_sample,
 )
 
 
@@ -89,8 +95,27 @@ def test_noise_statistics():
     assert noise.std().item() == pytest.approx(0.3, rel=0.01)
     lap = laplace_noise(zeros, scale=0.3, generator=_gen())[0]
     assert lap.var().item() == pytest.approx(2 * 0.3**2, rel=0.03)
-    # Laplace: E|x| = b
+    # Laplace: E|x| = b, symmetric, and the whole distribution (KS against Laplace(0, b))
     assert lap.abs().mean().item() == pytest.approx(0.3, rel=0.02)
+    assert (lap > 0).double().mean().item() == pytest.approx(0.5, abs=0.005)
+    assert stats.kstest(lap[:20_000].double().numpy(), "laplace", args=(0, 0.3)).pvalue > 0.01
+    wrong = stats.kstest(lap[:20_000].double().numpy(), "laplace", args=(0, 0.36)).pvalue
+    assert wrong < 1e-6  # the test can tell a 20 % wrong scale
+
+
+def test_samplers_are_the_noise_the_noisy_copies_add():
+    grads = _grads()
+    for noisy, sample in (
+        (gaussian_noise(grads, std=0.2, generator=_gen(3)), gaussian_noise_sample),
+        (laplace_noise(grads, scale=0.2, generator=_gen(3)), laplace_noise_sample),
+    ):
+        key = "std" if sample is gaussian_noise_sample else "scale"
+        noise = sample(grads, **{key: 0.2}, generator=_gen(3))
+        assert all(torch.equal(o, n + g) for o, n, g in zip(noisy, noise, grads, strict=True))
+    assert gaussian_noise_sample(grads, std=0.0) is None
+    assert laplace_noise_sample(grads, scale=0.0) is None
+    with pytest.raises(ValueError, match="one noise tensor per gradient"):
+        add_noise(grads, [torch.zeros(1)])
 
 
 def test_noise_keeps_low_precision_dtype():
