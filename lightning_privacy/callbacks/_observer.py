@@ -177,6 +177,22 @@ def validation_batch(trainer: L.Trainer) -> Any:
     return next(iter(loader))
 
 
+def fix_held_out_batch(
+    trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *, seed: int
+) -> Any:
+    """The batch an observer watches: ``batch`` if given, else the first validation batch.
+
+    Taken once, in ``setup``, from the user's own validation loader (before Lightning shards it
+    with a distributed sampler), so every rank holds the same batch and every measurement of a
+    run is on the same examples. Reading the loader draws from the global RNG, so it is read
+    inside :func:`isolated`. ``None`` when there is neither.
+    """
+    if batch is not None or not has_validation_data(trainer):
+        return batch
+    with isolated(pl_module, train=pl_module.training, seed=seed):
+        return validation_batch(trainer)
+
+
 def has_validation_data(trainer: L.Trainer) -> bool:
     """Whether ``trainer`` can provide a validation batch (checked before training)."""
     source = _val_source(trainer)

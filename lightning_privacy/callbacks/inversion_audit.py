@@ -13,17 +13,18 @@ Hooks: ``on_train_batch_end`` (``every_n_train_steps``) and ``on_train_epoch_end
 validation hooks.
 
 Ranks: only global rank 0 attacks. The attack runs synchronously inside the hook and is
-**bounded by** ``max_seconds``: the other ranks go on and wait at the next gradient all-reduce
-for at most that long. Under a distributed strategy with ``max_seconds=None`` the bound is half
-the process group's timeout, so a DDP run never hits a collective timeout.
+**bounded by** ``max_seconds``: the other ranks wait for at most that long (in a broadcast of
+rank 0's results at the end of the hook, where they would otherwise wait at the next gradient
+all-reduce). Under a distributed strategy with ``max_seconds=None`` the bound is half the process
+group's timeout, so a DDP run never hits a collective timeout.
 
 Never changes the training trajectory: no ``.backward()`` on the model, no ``.grad`` written, BN
 buffers cloned, the global RNG forked (the attack draws from its own generator), train/eval mode
 restored. A run with and without the audit ends with bitwise-identical weights.
 
-Logged (rank 0, through every logger, and copied into ``trainer.callback_metrics`` so
-``EarlyStopping(monitor="attack/psnr")`` can watch them): ``attack/psnr``, ``attack/ssim``,
-``attack/mse``, ``attack/label_acc``, ``attack/seconds``; the threat model as
+Logged (rank 0, through every logger, and copied into ``trainer.callback_metrics`` of every rank
+so ``EarlyStopping(monitor="attack/psnr")`` can watch them, also under DDP): ``attack/psnr``,
+``attack/ssim``, ``attack/mse``, ``attack/label_acc``, ``attack/seconds``; the threat model as
 ``attack/defended``, ``attack/labels_known``, ``attack/bn_stats_known`` (0/1) plus, in
 ``history`` and as TensorBoard text, the placement and BN mode; text models log
 ``attack/token_precision`` and ``attack/token_recall``. Images: a grid of truth (top row) vs
@@ -68,13 +69,12 @@ from lightning_privacy.attacks import Attack, create_attack
 from lightning_privacy.callbacks._observer import (
     ScheduledObserver,
     find_gradient_defense,
-    has_validation_data,
+    fix_held_out_batch,
     isolated,
     log_rank_zero,
     module_loss_fn,
     observed_gradients,
     split_batch,
-    validation_batch,
 )
 from lightning_privacy.functional.attacks.common import Reconstruction, bn_mode
 from lightning_privacy.metrics import reconstruction_metrics
@@ -149,17 +149,13 @@ class InversionAudit(ScheduledObserver):
         if stage != "fit":
             return
         problems: list[str] = []
-        batch = self.batch
+        batch = fix_held_out_batch(trainer, pl_module, self.batch, seed=self.seed)
         if batch is None:
-            if not has_validation_data(trainer):
-                problems.append(
-                    "no held-out batch: pass `batch=(inputs, targets)` or give the Trainer "
-                    "validation data"
-                )
-            else:
-                with isolated(pl_module, train=pl_module.training, seed=self.seed):
-                    batch = validation_batch(trainer)
-        if batch is not None:
+            problems.append(
+                "no held-out batch: pass `batch=(inputs, targets)` or give the Trainer "
+                "validation data"
+            )
+        else:
             try:
                 inputs, targets = split_batch(batch, self.num_samples)
             except (TypeError, ValueError) as err:
@@ -199,8 +195,19 @@ class InversionAudit(ScheduledObserver):
         return dataclasses.replace(self.attack, max_seconds=self._bound)  # type: ignore[type-var]
 
     def _observe(self, trainer: L.Trainer, pl_module: L.LightningModule, *, on_step: bool) -> None:
-        if not trainer.is_global_zero or self._held_out is None:
-            return
+        metrics = None
+        if trainer.is_global_zero and self._held_out is not None:
+            metrics = self._audit(trainer, pl_module)
+        if trainer.world_size > 1:
+            # every rank reaches this point (the schedule is the same everywhere) and waits here
+            # instead of at the next all-reduce; then EarlyStopping sees the metrics on each rank
+            metrics = trainer.strategy.broadcast(metrics, src=0)
+        for key, value in (metrics or {}).items():
+            trainer.callback_metrics[key] = torch.tensor(value)
+
+    def _audit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float] | None:
+        """Rank 0: attack the held-out batch, log everything; the scalars (``None``: failed)."""
+        assert self._held_out is not None
         defense = find_gradient_defense(trainer) if self.apply_defenses else None
         inputs, targets = (t.to(pl_module.device) for t in self._held_out)
         start = time.perf_counter()
@@ -226,14 +233,14 @@ class InversionAudit(ScheduledObserver):
             scores = reconstruction_metrics(rec, (inputs.cpu(), targets.cpu()))
         except Exception as err:  # an audit must never stop training
             self._warn(trainer, f"raised {type(err).__name__}: {err}")
-            return
+            return None
         seconds = time.perf_counter() - start
         finite = torch.isfinite(rec.inputs.float()).all() if rec.inputs.numel() else True
         if not bool(finite) or any(
             math.isnan(v) for k, v in scores.items() if k not in ("label_acc", "ssim")
         ):
             self._warn(trainer, "returned NaN")
-            return
+            return None
         threat = {
             "attack": type(self.attack).__name__,
             "defended": defense is not None,
@@ -256,6 +263,7 @@ class InversionAudit(ScheduledObserver):
         self._log_threat_text(trainer, threat, step)
         if self.log_images and rec.inputs.is_floating_point() and rec.inputs.dim() == 4:
             self._log_images(trainer, inputs.cpu(), rec.inputs.detach().cpu(), step)
+        return metrics
 
     def _warn(self, trainer: L.Trainer, what: str) -> None:
         message = (

@@ -71,11 +71,10 @@ from lightning_privacy._validation import check_choice, check_float, check_int
 from lightning_privacy.callbacks._observer import (
     ScheduledObserver,
     find_gradient_defense,
-    has_validation_data,
+    fix_held_out_batch,
     isolated,
     module_loss_fn,
     split_batch,
-    validation_batch,
 )
 from lightning_privacy.leakage.estimators import (
     ESTIMATORS,
@@ -139,6 +138,7 @@ class LeakageMonitor(ScheduledObserver):
         if batch is not None:
             split_batch(batch, 1)
         self.batch = batch
+        self._batch: Any = batch  # fixed in setup: the given batch or the first validation batch
         self.last: LeakageEstimate | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -146,7 +146,8 @@ class LeakageMonitor(ScheduledObserver):
         if stage != "fit":
             return
         problems = []
-        if self.batch is None and not has_validation_data(trainer):
+        self._batch = fix_held_out_batch(trainer, pl_module, self.batch, seed=self.seed)
+        if self._batch is None:
             problems.append(
                 "no held-out batch: pass `batch=(inputs, targets)` or give the Trainer "
                 "validation data"
@@ -167,16 +168,12 @@ class LeakageMonitor(ScheduledObserver):
         if self.generator.device != pl_module.device:  # defenses draw on the gradient's device
             self.generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
 
-    def _held_out(self, trainer: L.Trainer) -> Any:
-        return self.batch if self.batch is not None else validation_batch(trainer)
-
     def _observe(self, trainer: L.Trainer, pl_module: L.LightningModule, *, on_step: bool) -> None:
         defense = find_gradient_defense(trainer)
         transforms = list(defense.transforms) if defense is not None else []
         layers = defense.layers if defense is not None else None
-        # Inside the forked RNG: iterating a DataLoader draws a base seed from the global RNG.
+        batch = self._batch
         with isolated(pl_module, train=False, seed=self.seed), torch.enable_grad():
-            batch = self._held_out(trainer)
             inputs, targets = split_batch(batch, min(self.num_samples, len(batch[0])))
             inputs, targets = inputs.to(pl_module.device), targets.to(pl_module.device)
             estimate = estimate_leakage(

@@ -18,7 +18,9 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -142,6 +144,8 @@ def gradient_product_input_grad(
     tangents = {n: vectors[n].detach() for n in primals}
     buffers = {n: b.clone() for n, b in model.named_buffers()}
 
+    _load_forward_ad_decompositions()
+
     def directional(x: Tensor) -> Tensor:
         def loss_at(params: dict[str, Tensor]) -> Tensor:
             out = torch.func.functional_call(model, {**buffers, **fixed, **params}, (x,))
@@ -198,3 +202,19 @@ class CachedGradient:
             loss = loss_fn(outputs, targets)
             grads = torch.autograd.grad(loss, self.leaves, create_graph=create_graph)
         return list(grads)
+
+
+@functools.cache
+def _load_forward_ad_decompositions() -> None:
+    """Load PyTorch's forward-AD decompositions once, without its own deprecation warning.
+
+    The first forward-mode AD call of a process imports them, and in torch 2.14 that import calls
+    ``torch.jit.script``, which emits a ``FutureWarning`` from inside torch that a warnings filter
+    would pin on the first attack of a run.
+    """
+    load = getattr(torch.autograd.forward_ad, "_maybe_load_decompositions", None)
+    if load is None:  # pragma: no cover - other torch versions
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script", category=FutureWarning)
+        load()

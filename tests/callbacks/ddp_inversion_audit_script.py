@@ -60,6 +60,9 @@ def main(out: str) -> None:
     flat = torch.cat([p.detach().flatten() for p in module.parameters()])
     gathered = [torch.zeros_like(flat) for _ in range(2)]
     dist.all_gather(gathered, flat)
+    seen = trainer.callback_metrics.get("attack/psnr")
+    psnr_per_rank = [None, None]
+    dist.all_gather_object(psnr_per_rank, None if seen is None else float(seen))
     if trainer.is_global_zero:
         report = {
             "bound": audit._bound,
@@ -67,6 +70,7 @@ def main(out: str) -> None:
             "iterations": audit.last.metadata["iterations"] if audit.last else 0,
             "psnr": [h.get("attack/psnr") for h in audit.history],
             "replicas_equal": bool(torch.equal(gathered[0], gathered[1])),
+            "callback_psnr_per_rank": psnr_per_rank,
             "steps": trainer.global_step,
             "seconds": time.perf_counter() - start,
         }

@@ -194,6 +194,7 @@ def test_global_rng_stream_untouched_by_an_audit_run():
 
     class _Trainer:
         is_global_zero = True
+        world_size = 1
         global_step = 0
         current_epoch = 0
         callbacks: list = []
@@ -214,6 +215,7 @@ def test_apply_defenses_false_attacks_the_clean_gradient():
 
     class _Trainer:
         is_global_zero = True
+        world_size = 1
         global_step = 0
         current_epoch = 0
         callbacks = [GradientDefense([GaussianNoise(std=10.0)], seed=0)]

@@ -21,6 +21,9 @@ def test_rank_zero_audit_under_ddp(tmp_path):
     assert 0 < report["iterations"] < 100_000
     assert all(p is not None for p in report["psnr"])
     assert report["replicas_equal"]
+    # rank 0's results reach every rank's callback_metrics (EarlyStopping runs on each rank)
+    rank0, rank1 = report["callback_psnr_per_rank"]
+    assert rank0 is not None and rank1 == rank0 == pytest.approx(report["psnr"][-1])
 
 
 def test_default_bound_is_half_the_collective_timeout():
