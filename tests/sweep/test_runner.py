@@ -62,12 +62,12 @@ def test_six_trial_sweep_writes_csv_plots_and_report(tmp_path):
     html = (tmp_path / "report.html").read_text()
     assert "Threat model" in html and "magnitude_pruning=0.99" in html
     # the sweep's own report opens offline: every image inline, decodable PNG, nothing fetched
-    images = re.findall(r"<img\b[^>]*\bsrc=\"([^\"]*)\"", html)
+    images = re.findall(r"<img\b[^>]*\bsrc=[\"']([^\"']*)[\"']", html)
     assert len(images) >= len(PARETO_PLOTS)
     for src in images:
         assert src.startswith("data:image/png;base64,"), src[:40]
         assert base64.b64decode(src.split(",", 1)[1])[:8] == PNG
-    assert not re.search(r"\b(?:src|href)=\"(?:https?:)?//", html)
+    assert not re.search(r"\b(?:src|href)=[\"'](?:https?:)?//", html)
     assert [r["trial_id"] for r in load_results(tmp_path)] == [r["trial_id"] for r in rows]
 
 
