@@ -89,6 +89,7 @@ from lightning_privacy.defenses.transforms import (
     MagnitudePruning,
     RandomPruning,
 )
+from lightning_privacy.functional.defenses import global_norm
 from lightning_privacy.functional.gradients import select_parameters
 
 __all__ = ["GradientDefense"]
@@ -331,13 +332,13 @@ class GradientDefense(Callback):
             return
         originals = grads if scale == 1.0 else [g / scale for g in grads]
         defended = apply_transforms(self.transforms, originals, generator=generator, noise=noise)
-        grad_sq = _squared_norm(originals)
+        grad_sq = global_norm(originals).square()
         # The originals are overwritten below, so they can hold `original - defended` in place
         # (no copy of the whole gradient); a transform that returned its input changed nothing.
         changed = [
             g.sub_(d) for g, d in zip(originals, defended, strict=True) if not _aliases(d, g)
         ]
-        self._record(grad_sq, _squared_norm(changed), defended)
+        self._record(grad_sq, global_norm(changed).square(), defended)
         for g, d in zip(grads, defended, strict=True):
             if not _aliases(d, g):
                 g.copy_(d if scale == 1.0 else d * scale)
@@ -551,15 +552,6 @@ class GradientDefense(Callback):
 def _aliases(a: Tensor, b: Tensor) -> bool:
     """Whether two tensors start at the same memory (a transform returned its input)."""
     return a.data_ptr() == b.data_ptr()
-
-
-def _squared_norm(tensors: list[Tensor]) -> Tensor:
-    """``sum ||t||^2`` in float32 (a 0-d tensor; no host sync)."""
-    if not tensors:
-        return torch.zeros(())
-    return torch.stack(
-        [torch.linalg.vector_norm(t, dtype=torch.float32).square() for t in tensors]
-    ).sum()
 
 
 def _accumulating(trainer: L.Trainer) -> bool:
