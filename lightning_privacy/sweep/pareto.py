@@ -54,6 +54,24 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def defense_colours(results: Sequence[Mapping[str, Any]]) -> dict[str, tuple[float, ...]]:
+    """One tab10 colour per defense, in order of first appearance among *all* trials.
+
+    Taken before any trial is dropped for a missing measurement, so a defense keeps its colour
+    in every panel of a report.
+
+    Example:
+        >>> rows = [{"defense": "none"}, {"defense": "dp_sgd"}, {"defense": "none"}]
+        >>> list(defense_colours(rows)) == ["none", "dp_sgd"]
+        True
+    """
+    import matplotlib
+
+    names = dict.fromkeys(str(row.get("defense", "")) for row in results)
+    tab10 = matplotlib.colormaps["tab10"]
+    return {name: tuple(tab10(i % 10)) for i, name in enumerate(names)}
+
+
 def plot_pareto(
     results: Sequence[Mapping[str, Any]],
     x_key: str,
@@ -94,12 +112,12 @@ def plot_pareto(
         labels.append(str(row.get("label", "")))
         defenses.append(str(row.get("defense", "")))
     fig, ax = plt.subplots(figsize=(5.6, 4.0), dpi=80)
-    colours = {d: plt.cm.tab10(i % 10) for i, d in enumerate(dict.fromkeys(defenses))}
+    colours = defense_colours(results)
     for (x, y), label, defense in zip(points, labels, defenses, strict=True):
         ax.scatter(x, y, color=colours[defense], s=36, zorder=3)
         ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    for defense, colour in colours.items():
-        ax.scatter([], [], color=colour, label=defense)
+    for defense in dict.fromkeys(defenses):
+        ax.scatter([], [], color=colours[defense], label=defense)
     if points:
         front = pareto_front(points)
         ax.plot(

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from lightning_privacy.sweep import parse_sweep_config
-from lightning_privacy.sweep.pareto import PARETO_PLOTS, pareto_front
+from lightning_privacy.sweep.pareto import PARETO_PLOTS, pareto_front, plot_pareto
 from lightning_privacy.sweep.runner import load_results, run_sweep
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -44,6 +44,31 @@ def test_pareto_front_is_the_non_dominated_set():
     assert front == [3, 1, 0]
     for i in set(range(len(points))) - set(front):
         assert any(points[j][0] <= points[i][0] and points[j][1] >= points[i][1] for j in front)
+
+
+def test_a_defense_keeps_its_colour_in_every_panel(tmp_path, monkeypatch):
+    """ε is undefined for the non-DP trials; dropping them must not shift the DP-SGD colour."""
+    import matplotlib.axes
+
+    rows = [
+        {"defense": "none", "label": "none", "val_acc": 0.9, "attack_psnr": 40.0},
+        {"defense": "gaussian_noise", "label": "g", "val_acc": 0.8, "attack_psnr": 20.0},
+        {"defense": "dp_sgd", "label": "dp", "val_acc": 0.7, "attack_psnr": 12.0, "epsilon": 3.0},
+    ]
+    drawn: list[tuple[str, str, tuple]] = []
+    original = matplotlib.axes.Axes.scatter
+
+    def spy(self, x, y, *args, **kwargs):
+        if kwargs.get("label"):
+            drawn.append((panel, kwargs["label"], tuple(kwargs["color"])))
+        return original(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter", spy)
+    for panel in ("attack_psnr", "epsilon"):
+        plot_pareto(rows, panel, panel, tmp_path / f"{panel}.png")
+    colours = {(panel, label): colour for panel, label, colour in drawn}
+    assert {label for panel, label in colours if panel == "epsilon"} == {"dp_sgd"}
+    assert colours[("epsilon", "dp_sgd")] == colours[("attack_psnr", "dp_sgd")]
 
 
 def test_six_trial_sweep_writes_csv_plots_and_report(tmp_path):
