@@ -14,7 +14,7 @@ setting uses its usual hyperparameters: DP-SGD wants a larger batch and learning
 batch 128, Adam lr 0.03, C = 0.5) than non-private training (batch 64, Adam lr 0.003, the DLG
 LeNet's setting on digits).
 
-Usage: ``python examples/dp_vs_attack.py [--quick] [--dataset digits|faces] [--epochs 15]``.
+Usage: ``python examples/dp_vs_attack.py [--quick] [--dataset digits|lfw] [--epochs 15]``.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def run(eps: float, args: argparse.Namespace) -> dict[str, float | str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, 1 image")
-    parser.add_argument("--dataset", choices=("digits", "faces"), default="digits")
+    parser.add_argument("--dataset", choices=("digits", "lfw"), default="digits")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=16)
