@@ -128,9 +128,10 @@ def defended_runs(args) -> None:
                 (x, y),
                 (1, 32, 32),
             ),
+            ("InvertingGradients", ig, lenet, g_lenet, (x, y), (1, 32, 32)),
             ("InvertingGradients", ig, resnet, g_resnet, (xr, yr), (3, 32, 32)),
         ):
-            if attack_name == "InvertingGradients" and name != "none" and args.quick:
+            if model is resnet and name != "none" and args.quick:
                 continue
             start = time.perf_counter()
             rec = attack.reconstruct(
@@ -140,15 +141,35 @@ def defended_runs(args) -> None:
             s = reconstruction_metrics(rec, data)
             table.add_row(
                 attack_name,
-                type(model).__name__ if attack_name == "DLG" else "ResNet-18 (eval)",
+                "ResNet-18 (eval)" if model is resnet else type(model).__name__,
                 name,
                 f"{s['psnr']:.1f}",
                 f"{s['ssim']:.3f}",
                 "yes" if s["label_acc"] == 1 else "no",
                 f"{seconds:.1f}",
             )
-    table.caption = f"Inverting Gradients: {args.ig_iterations} iterations (paper: 24,000)"
+    for model_name, truth in (("LeNetDLG", x), ("ResNet-18 (eval)", xr)):
+        s = reconstruction_metrics(_constant_image(truth), truth)
+        table.add_row(
+            "no information",
+            model_name,
+            "constant image",
+            f"{s['psnr']:.1f}",
+            f"{s['ssim']:.3f}",
+            "-",
+            "-",
+        )
+    table.caption = (
+        f"Inverting Gradients: {args.ig_iterations} iterations (paper: 24,000). "
+        "'no information': every pixel set to the image's own mean colour, the best an attacker "
+        "without the gradient can do with one constant"
+    )
     console.print(table)
+
+
+def _constant_image(images: torch.Tensor) -> torch.Tensor:
+    """Every pixel of every image at that image's mean colour (the information-free floor)."""
+    return images.mean(dim=(-2, -1), keepdim=True).expand_as(images).clone()
 
 
 def analytic_and_tokens(args) -> None:
