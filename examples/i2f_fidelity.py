@@ -14,10 +14,10 @@ with the exact, undamped I2F ‖(J Jᵀ)⁻¹ J δ‖ computed by ``lightning_pr
 5. Pruning: I2F of the ``MagnitudePruning`` residual vs the attack on the pruned gradient.
 6. Unfairness: predicted PSNR per digit class under one Gaussian defense (I2F only).
 
-The full run uses 10 faces for 1-2 and 4 faces for 3-5 with a modest attack budget (the machine is
-shared): about 80 attacks of a few seconds each on one CPU thread.
+The full run uses 12 faces for 1-2 and 10 of them for 3-5 (12 digits per class for 6) with a
+modest attack budget: about 160 attacks of a few seconds each on one CPU thread.
 
-    python examples/i2f_fidelity.py           # full run (~10 min on one thread)
+    python examples/i2f_fidelity.py           # full run (~30 min on one thread)
     python examples/i2f_fidelity.py --quick   # smoke run
     python examples/i2f_fidelity.py --sections 6   # only check 6
 """
@@ -104,8 +104,8 @@ def rho(a, b):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 faces, short attacks")
-    parser.add_argument("--faces", type=int, default=10)
-    parser.add_argument("--faces-small", type=int, default=4, help="faces for checks 3-5")
+    parser.add_argument("--faces", type=int, default=12)
+    parser.add_argument("--faces-small", type=int, default=10, help="faces for checks 3-5")
     parser.add_argument("--attack-steps", type=int, default=60)
     parser.add_argument("--sections", default="123456", help="which checks to run, e.g. 36")
     args = parser.parse_args()
