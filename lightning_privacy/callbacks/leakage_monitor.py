@@ -66,6 +66,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
 
 from lightning_privacy._validation import check_choice, check_float, check_int
 from lightning_privacy.callbacks._observer import (
@@ -138,7 +139,7 @@ class LeakageMonitor(ScheduledObserver):
         if batch is not None:
             split_batch(batch, 1)
         self.batch = batch
-        self._batch: Any = batch  # fixed in setup: the given batch or the first validation batch
+        self._held_out: tuple[Tensor, Tensor] | None = None  # fixed and split once, in setup
         self.last: LeakageEstimate | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -146,12 +147,17 @@ class LeakageMonitor(ScheduledObserver):
         if stage != "fit":
             return
         problems = []
-        self._batch = fix_held_out_batch(trainer, pl_module, self.batch, seed=self.seed)
-        if self._batch is None:
+        batch = fix_held_out_batch(trainer, pl_module, self.batch, seed=self.seed)
+        if batch is None:
             problems.append(
                 "no held-out batch: pass `batch=(inputs, targets)` or give the Trainer "
                 "validation data"
             )
+        else:
+            try:
+                self._held_out = split_batch(batch, min(self.num_samples, len(batch[0])))
+            except (TypeError, ValueError) as err:
+                problems.append(str(err))
         defense = find_gradient_defense(trainer)
         if defense is None:
             rank_zero_warn(
@@ -172,10 +178,9 @@ class LeakageMonitor(ScheduledObserver):
         defense = find_gradient_defense(trainer)
         transforms = list(defense.transforms) if defense is not None else []
         layers = defense.layers if defense is not None else None
-        batch = self._batch
+        assert self._held_out is not None  # set in setup
+        inputs, targets = (t.to(pl_module.device) for t in self._held_out)
         with isolated(pl_module, train=False, seed=self.seed), torch.enable_grad():
-            inputs, targets = split_batch(batch, min(self.num_samples, len(batch[0])))
-            inputs, targets = inputs.to(pl_module.device), targets.to(pl_module.device)
             estimate = estimate_leakage(
                 pl_module,
                 inputs,

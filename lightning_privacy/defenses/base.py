@@ -70,8 +70,6 @@ class AdditiveNoise(GradientTransform):
         [tensor([1., 1.])]
     """
 
-    uses_randomness: ClassVar[bool] = True
-
     @abstractmethod
     def sample(
         self, like: Sequence[Tensor], *, generator: Generator | None = None
