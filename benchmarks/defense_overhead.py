@@ -134,8 +134,9 @@ class Interleaved(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.t0 = time.perf_counter()
-        if self._active() is not None:  # starts the background draw of the step's noise
-            self._active().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        active = self._active()
+        if active is not None:  # starts the background draw of the step's noise
+            active.on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         active = self._active()
@@ -145,8 +146,9 @@ class Interleaved(L.Callback):
         self.defense_dt = time.perf_counter() - t0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self._active() is not None:
-            self._active().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        active = self._active()
+        if active is not None:
+            active.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         dt = time.perf_counter() - self.t0
         if self.step >= self.warmup:
             self.times[self.schedule[self.step]].append(dt)
