@@ -151,3 +151,21 @@ def test_batch_label_counts_with_repeats():
         labels = torch.tensor(y)
         grads = observed_gradients_of(head, torch.rand(len(y), 6, generator=_gen(len(y))), labels)
         assert restore_labels(head, grads, len(y)).tolist() == sorted(y)
+
+
+def test_start_is_used_and_checked():
+    """A start at the true inputs is already a solution: the attack stays there; the random
+    start from the same generator ends elsewhere after one step."""
+    model = _tiny_lenet()
+    x = torch.rand(1, 1, 8, 8, generator=_gen(4))
+    y = torch.tensor([2])
+    grads = observed_gradients_of(model, x, y)
+    common = dict(input_shape=(1, 8, 8), num_samples=1, labels=y, max_iterations=1, restarts=1)
+    warm = deep_leakage(model, grads, start=x, generator=_gen(0), **common)
+    cold = deep_leakage(model, grads, generator=_gen(0), **common)
+    assert float((warm.inputs - x).abs().max()) < 1e-5
+    assert float((cold.inputs - x).abs().max()) > 1e-2
+    with pytest.raises(ValueError, match=r"`start` of shape .*\[1, 1, 8, 8\].*\[1, 8, 8\]"):
+        deep_leakage(model, grads, start=x[0], **common)
+    with pytest.raises(ValueError, match="`start` to be finite"):
+        deep_leakage(model, grads, start=torch.full_like(x, float("nan")), **common)

@@ -92,6 +92,7 @@ def deep_leakage(
     label_strategy: str = "joint",
     max_seconds: float | None = None,
     generator: Generator | None = None,
+    start: Tensor | None = None,
 ) -> Reconstruction:
     """Reconstruct inputs (and labels) from an observed gradient by L2 gradient matching.
 
@@ -116,6 +117,13 @@ def deep_leakage(
             ``"idlg"`` (read from the last layer's gradient, then fixed).
         max_seconds: Stop (keeping the best trial so far) after this wall time, or ``None``.
         generator: Source of the random starts.
+        start: A ``(num_samples, *input_shape)`` batch every trial starts from instead of a
+            random draw (a warm start from a prior image; started at the true inputs, the attack
+            finds the solution nearest to them, the I2F's "perfect attacker"). Use
+            ``restarts=1`` with it: the trials would be identical.
+
+    Raises:
+        ValueError: If ``start`` has the wrong shape or non-finite values.
 
     Returns:
         The kept trial: inputs, labels (argmax of the optimised soft labels for ``"joint"``),
@@ -132,6 +140,7 @@ def deep_leakage(
     """
     num_samples = check_num_samples(num_samples)
     shape = (num_samples, *input_shape)
+    _check_start(start, shape)
     matcher = GradientMatcher(model, gradients, loss_fn=loss_fn)
     labels_known = labels is not None
     fixed: Tensor | None = None
@@ -140,14 +149,16 @@ def deep_leakage(
     elif label_strategy == "idlg":
         fixed = restore_labels(model, matcher.target, num_samples)
     num_classes = _num_outputs(model, matcher, shape)
-    start = time.perf_counter()
+    started = time.perf_counter()
     best: tuple[float, Tensor, Tensor, list[float]] | None = None
     trial_losses: list[float] = []
     evaluations = 0
     latest = math.inf
     threshold = tol * float(matcher.target_norm) ** 2
     for _ in range(restarts):
-        x = initial_inputs(shape, init, box, generator).requires_grad_(True)
+        x = (
+            initial_inputs(shape, init, box, generator) if start is None else start.detach().clone()
+        ).requires_grad_(True)
         leaves = [x]
         y_logits: Tensor | None = None
         if fixed is None:
@@ -195,7 +206,7 @@ def deep_leakage(
             if current < threshold:
                 break
             stalled = stalled + 1 if abs(last - current) <= 1e-12 * max(1.0, abs(last)) else 0
-            if stalled >= 3 or _out_of_time(start, max_seconds):
+            if stalled >= 3 or _out_of_time(started, max_seconds):
                 break
             last = current
         targets = F.softmax(y_logits, -1) if y_logits is not None else fixed
@@ -208,7 +219,7 @@ def deep_leakage(
         if best is None or final < best[0]:
             guess = y_logits.detach().argmax(-1) if y_logits is not None else targets
             best = (final, x.detach().clone(), guess.clone(), history)
-        if final < threshold or _out_of_time(start, max_seconds):
+        if final < threshold or _out_of_time(started, max_seconds):
             break
     assert best is not None  # restarts >= 1 is validated by the caller
     _, inputs, guess, history = best
@@ -219,10 +230,22 @@ def deep_leakage(
         attack="deep_leakage" if label_strategy == "joint" or labels_known else "idlg",
         trial_losses=trial_losses,
         evaluations=evaluations,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - started,
         label_strategy="given" if labels_known else label_strategy,
     )
     return Reconstruction(inputs=inputs, labels=guess, history=history, metadata=metadata)
+
+
+def _check_start(start: Tensor | None, shape: tuple[int, ...]) -> None:
+    if start is None:
+        return
+    if not isinstance(start, Tensor) or tuple(start.shape) != shape:
+        got = list(start.shape) if isinstance(start, Tensor) else type(start).__name__
+        raise ValueError(
+            f"Expected `start` of shape (num_samples, *input_shape) = {list(shape)}, but got {got}."
+        )
+    if not bool(torch.isfinite(start).all()):
+        raise ValueError("Expected `start` to be finite, but it holds NaN or inf entries.")
 
 
 def _num_outputs(model: nn.Module, matcher: GradientMatcher, shape: tuple[int, ...]) -> int:
