@@ -79,32 +79,20 @@ class Sample:
             for t, s in zip(torch.split(flat, self.op.numels), self.op.shapes, strict=True)
         ]
 
-    def attack_from_truth(self, delta, steps):
-        """The same attack started at the true face: it finds the solution nearest to it,
-        which is what the I2F linearises (the paper's perfect attacker)."""
+    def attack(self, delta, steps, seed, start=None):
+        """L2 error of the attack on the defended gradient. With ``start=self.x`` it starts at
+        the true face and finds the solution nearest to it, which is what the I2F linearises
+        (the paper's perfect attacker)."""
+        options = DeepLeakage(max_iterations=steps, restarts=1, box=None, tol=0.0).options()
         rec = deep_leakage(
             self.model,
             self.observed(delta),
             input_shape=SHAPE,
             num_samples=1,
             labels=self.y,
-            max_iterations=steps,
-            restarts=1,
-            box=None,
-            tol=0.0,
-            start=self.x,
-        )
-        return float((rec.inputs - self.x).norm())
-
-    def attack(self, delta, steps, seed):
-        observed = self.observed(delta)
-        rec = DeepLeakage(max_iterations=steps, restarts=1, box=None, tol=0.0).reconstruct(
-            self.model,
-            observed,
-            input_shape=SHAPE,
-            num_samples=1,
-            labels=self.y,
             generator=torch.Generator().manual_seed(seed),
+            start=start,
+            **options,
         )
         return float((rec.inputs - self.x).norm())
 
@@ -167,7 +155,7 @@ def main() -> None:
                 bounds.append(s.bound(delta))
                 rels.append(float(delta.norm() / s.g.norm()))
                 leaks += errs[-1] < s.floor
-                nearest.append(s.attack_from_truth(delta, steps))
+                nearest.append(s.attack(delta, steps, seed=k, start=s.x))
             ratios = [e / i for e, i in zip(errs, i2fs, strict=True)]
             all_ratios.append((level, rels, ratios))
             rows1.append(
