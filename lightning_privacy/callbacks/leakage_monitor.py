@@ -28,7 +28,10 @@ matrix ``J Jᵀ`` (``d_x`` batched ``Jᵀ e_i`` products each; about 0.6 s for t
 
 Guarantee: none -- I2F is a first-order estimate around a perfect attacker, not a bound on every
 attack. It tracks converged L-BFGS attacks on small sigmoid networks (see the README); it can be
-off for highly non-convex losses or large perturbations.
+off for highly non-convex losses or large perturbations. ``leakage/relative_perturbation`` logs
+``‖δ‖ / ‖g‖``; once it passes ``VALIDATED_RELATIVE_PERTURBATION`` (6 %, the range the README
+checked) the callback warns once that the estimate has left that range (there it over-states
+leakage).
 
 Trajectory: the estimate works on ``torch.func.functional_call`` with detached parameters and
 cloned buffers inside a forked RNG, and restores train/eval mode, so the training run is bitwise
@@ -37,7 +40,8 @@ the same with or without it.
 Logged keys (``pl_module.log``; every rank computes the same values from the same held-out batch
 and seed): ``leakage/i2f`` (batch mean), ``leakage/i2f_lower_bound``, ``leakage/lambda_max``,
 ``leakage/predicted_psnr`` (batch mean), ``leakage/worst_sample_predicted_psnr``,
-``leakage/worst_class_predicted_psnr``, ``leakage/lanczos_iterations`` and, with
+``leakage/worst_class_predicted_psnr``, ``leakage/relative_perturbation`` (batch mean),
+``leakage/lanczos_iterations`` and, with
 ``per_class=True``, ``leakage/predicted_psnr/class_<c>``. With ``max_predicted_psnr`` the worst
 sample's predicted PSNR is compared to it: ``on_exceed="warn"`` warns, ``"stop"`` stops training
 (agreed across ranks, like ``EarlyStopping``).
@@ -79,6 +83,7 @@ from lightning_privacy.callbacks._observer import (
 )
 from lightning_privacy.leakage.estimators import (
     ESTIMATORS,
+    VALIDATED_RELATIVE_PERTURBATION,
     LeakageEstimate,
     estimate_leakage,
     split_gaussian_pipeline,
@@ -141,6 +146,7 @@ class LeakageMonitor(ScheduledObserver):
         self.batch = batch
         self._held_out: tuple[Tensor, Tensor] | None = None  # fixed and split once, in setup
         self.last: LeakageEstimate | None = None
+        self._warned_range = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Check the Trainer: a held-out batch exists and the estimator fits the defense."""
@@ -202,7 +208,20 @@ class LeakageMonitor(ScheduledObserver):
         for key, value in metrics.items():
             pl_module.log(key, value, on_step=on_step, on_epoch=not on_step, batch_size=1)
         self.history.append({"step": float(trainer.global_step), **metrics})
+        self._check_range(estimate)
         self._check_threshold(trainer, estimate)
+
+    def _check_range(self, estimate: LeakageEstimate) -> None:
+        if self._warned_range or not estimate.beyond_validated_range:
+            return
+        self._warned_range = True
+        rank_zero_warn(
+            f"‖δ‖/‖g‖ reaches {float(estimate.relative_perturbation.max()):.3f} on the held-out "
+            f"batch, past the {VALIDATED_RELATIVE_PERTURBATION:.0%} up to which the I2F was "
+            "checked against a converged attack. Beyond it the first-order estimate over-states "
+            "leakage (the attack does worse than predicted): read leakage/predicted_psnr as a "
+            "pessimistic figure."
+        )
 
     def _check_threshold(self, trainer: L.Trainer, estimate: LeakageEstimate) -> None:
         if self.max_predicted_psnr is None:

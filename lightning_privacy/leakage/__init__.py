@@ -25,6 +25,7 @@ from lightning_privacy.functional.leakage import (
 )
 from lightning_privacy.leakage.estimators import (
     ESTIMATORS,
+    VALIDATED_RELATIVE_PERTURBATION,
     LeakageEstimate,
     NoiseCalibration,
     calibrate_noise,
@@ -35,6 +36,7 @@ from lightning_privacy.leakage.estimators import (
 
 __all__ = [
     "ESTIMATORS",
+    "VALIDATED_RELATIVE_PERTURBATION",
     "GramFactorization",
     "I2FResult",
     "LeakageEstimate",

@@ -46,6 +46,11 @@ from lightning_privacy.functional.leakage import (
 
 ESTIMATORS = ("exact", "expected", "lower_bound")
 
+#: ``‖δ‖ / ‖g‖`` up to which the I2F was checked against a converged attack (README, I2F fidelity:
+#: error ÷ I2F 0.95-1.16, rank correlation >= 0.92). Beyond it the first-order expansion departs
+#: and the I2F over-states leakage: the attack does worse than predicted.
+VALIDATED_RELATIVE_PERTURBATION = 0.06
+
 
 def defense_delta(
     transforms: Sequence[GradientTransform],
@@ -135,6 +140,9 @@ class LeakageEstimate:
         targets: ``(B,)`` the labels, for per-class summaries.
         per_class_predicted_psnr: ``{class: mean predicted PSNR}``.
         lanczos: One :class:`LanczosResult` per example (``λ_max`` iterations and convergence).
+        relative_perturbation: ``(B,)`` ``‖δ‖ / ‖g‖`` per example (root-mean-square over the draws;
+            in closed form for ``"expected"``): how far the I2F's linearisation is stretched.
+            Above :data:`VALIDATED_RELATIVE_PERTURBATION` it over-states leakage.
     """
 
     estimator: str
@@ -145,6 +153,13 @@ class LeakageEstimate:
     targets: Tensor
     per_class_predicted_psnr: dict[int, float] = field(default_factory=dict)
     lanczos: tuple[LanczosResult, ...] = ()
+    relative_perturbation: Tensor = field(default_factory=lambda: torch.zeros(0))
+
+    @property
+    def beyond_validated_range(self) -> bool:
+        """Whether some example's ``‖δ‖ / ‖g‖`` exceeds :data:`VALIDATED_RELATIVE_PERTURBATION`."""
+        rel = self.relative_perturbation
+        return bool(len(rel) and rel.max() > VALIDATED_RELATIVE_PERTURBATION)
 
     @property
     def i2f(self) -> float:
@@ -167,7 +182,7 @@ class LeakageEstimate:
         return max(self.per_class_predicted_psnr.values())
 
     def metrics(self, prefix: str = "leakage/", per_class: bool = False) -> dict[str, float]:
-        """Scalars to log (``i2f``, ``i2f_lower_bound``, ``lambda_max``, PSNR summaries)."""
+        """Scalars to log: ``i2f``, the bound, ``λ_max``, PSNR summaries, ``‖δ‖ / ‖g‖``."""
         out = {
             f"{prefix}i2f": self.i2f,
             f"{prefix}i2f_lower_bound": float(self.per_sample_lower_bound.mean()),
@@ -175,6 +190,7 @@ class LeakageEstimate:
             f"{prefix}predicted_psnr": self.mean_predicted_psnr,
             f"{prefix}worst_sample_predicted_psnr": self.worst_sample_predicted_psnr,
             f"{prefix}worst_class_predicted_psnr": self.worst_class_predicted_psnr,
+            f"{prefix}relative_perturbation": float(self.relative_perturbation.mean()),
         }
         if per_class:
             for c, v in sorted(self.per_class_predicted_psnr.items()):
@@ -274,7 +290,7 @@ def estimate_leakage(
     std = 0.0
     if estimator == "expected":
         deterministic, std = split_gaussian_pipeline(transforms)
-    values, bounds, lams, psnrs, runs = [], [], [], [], []
+    values, bounds, lams, psnrs, runs, rels = [], [], [], [], [], []
     for i in range(len(inputs)):
         x, y = inputs[i : i + 1], targets[i : i + 1]
         op = LeakageOperator(model, x, y, loss_fn=loss_fn, layers=layers)
@@ -335,6 +351,12 @@ def estimate_leakage(
                 frob = sum(float(z @ op.gram_matvec(z).double()) for z in probes) / len(probes)
                 jsq = float(res.jdelta_norm[0]) ** 2 + std**2 * frob
                 lower = torch.tensor(math.sqrt(jsq) / run.value, dtype=torch.float64)
+        if estimator == "expected":
+            noise_dim = sum(op.numels[k] for k in defended)
+            sq_norm = float(bias.double().norm() ** 2) + std**2 * noise_dim  # E‖δ‖²
+        else:
+            sq_norm = float((rows.double().norm(dim=-1) ** 2).mean())
+        rels.append(_relative(math.sqrt(sq_norm), float(op.gradient.norm())))
         values.append(value)
         bounds.append(lower)
         lams.append(run.value)
@@ -355,7 +377,14 @@ def estimate_leakage(
         targets=labels,
         per_class_predicted_psnr=per_class,
         lanczos=tuple(runs),
+        relative_perturbation=torch.tensor(rels, dtype=torch.float64),
     )
+
+
+def _relative(delta_norm: float, gradient_norm: float) -> float:
+    if delta_norm == 0.0:
+        return 0.0
+    return delta_norm / gradient_norm if gradient_norm > 0 else math.inf
 
 
 @dataclass(frozen=True)

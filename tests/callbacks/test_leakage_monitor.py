@@ -1,3 +1,5 @@
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -138,6 +140,20 @@ def test_threshold_stops_or_warns(data, fast_trainer_kwargs):
     )
     trainer, _ = fit(data, [GradientDefense([GaussianNoise(std=1e-2)]), calm], fast_trainer_kwargs)
     assert trainer.global_step == 4
+
+
+def test_warns_once_past_the_validated_range(data, fast_trainer_kwargs):
+    big = LeakageMonitor(every_n_train_steps=1, num_samples=2)
+    with pytest.warns(UserWarning, match=r"past the 6% up to which the I2F was checked") as seen:
+        fit(data, [GradientDefense([MagnitudePruning(ratio=0.5)]), big], fast_trainer_kwargs)
+    assert sum("past the 6%" in str(w.message) for w in seen) == 1  # once, not every step
+    assert len(big.history) == 4
+    assert all(h["leakage/relative_perturbation"] > 0.06 for h in big.history)
+    small = LeakageMonitor(every_n_train_steps=1, num_samples=2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past the 6%.*")
+        fit(data, [GradientDefense([GaussianNoise(std=1e-6)]), small], fast_trainer_kwargs)
+    assert all(h["leakage/relative_perturbation"] < 0.06 for h in small.history)
 
 
 def test_state_in_checkpoint(data, fast_trainer_kwargs, tmp_path):

@@ -91,6 +91,15 @@ def test_exact_estimate_matches_per_sample_i2f(data):
     assert est.worst_sample_predicted_psnr == float(psnr.max())
     metrics = est.metrics(per_class=True)
     assert {"leakage/i2f", "leakage/lambda_max", "leakage/predicted_psnr/class_2"} <= set(metrics)
+    # δ = -0.1 g: ‖δ‖/‖g‖ is 0.1 for every example, past the validated 6 %
+    assert torch.allclose(
+        est.relative_perturbation, torch.full((len(x),), 0.1, dtype=torch.float64)
+    )
+    assert metrics["leakage/relative_perturbation"] == pytest.approx(0.1)
+    assert est.beyond_validated_range
+    small = estimate_leakage(model, x, y, transforms=[Scale(0.99)], num_delta_samples=1)
+    assert not small.beyond_validated_range
+    assert float(small.relative_perturbation.max()) == pytest.approx(0.01)
 
 
 def test_defense_layers_restrict_delta(data):
@@ -123,6 +132,11 @@ def test_expected_estimator_matches_monte_carlo(data):
     # mean of I2F over draws vs its root-mean-square: within 10 % (Jensen, sampling)
     ratio = exact.per_sample_i2f / expected.per_sample_i2f
     assert ((ratio > 0.85) & (ratio <= 1.02)).all(), ratio
+    # the closed-form E‖δ‖² against the draws' root-mean-square ‖δ‖
+    assert torch.allclose(expected.relative_perturbation, exact.relative_perturbation, rtol=0.02), (
+        expected.relative_perturbation,
+        exact.relative_perturbation,
+    )
 
 
 @needs_noise
