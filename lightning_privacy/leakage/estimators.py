@@ -138,11 +138,11 @@ class LeakageEstimate:
         lambda_max: ``(B,)`` ``λ_max(J Jᵀ)`` per example.
         predicted_psnr: ``(B,)`` PSNR a perfect attacker would reach (``MSE = I2F² / d_x``).
         targets: ``(B,)`` the labels, for per-class summaries.
-        per_class_predicted_psnr: ``{class: mean predicted PSNR}``.
-        lanczos: One :class:`LanczosResult` per example (``λ_max`` iterations and convergence).
         relative_perturbation: ``(B,)`` ``‖δ‖ / ‖g‖`` per example (root-mean-square over the draws;
             in closed form for ``"expected"``): how far the I2F's linearisation is stretched.
             Above :data:`VALIDATED_RELATIVE_PERTURBATION` it over-states leakage.
+        per_class_predicted_psnr: ``{class: mean predicted PSNR}``.
+        lanczos: One :class:`LanczosResult` per example (``λ_max`` iterations and convergence).
     """
 
     estimator: str
@@ -151,15 +151,14 @@ class LeakageEstimate:
     lambda_max: Tensor
     predicted_psnr: Tensor
     targets: Tensor
+    relative_perturbation: Tensor
     per_class_predicted_psnr: dict[int, float] = field(default_factory=dict)
     lanczos: tuple[LanczosResult, ...] = ()
-    relative_perturbation: Tensor = field(default_factory=lambda: torch.zeros(0))
 
     @property
     def beyond_validated_range(self) -> bool:
         """Whether some example's ``‖δ‖ / ‖g‖`` exceeds :data:`VALIDATED_RELATIVE_PERTURBATION`."""
-        rel = self.relative_perturbation
-        return bool(len(rel) and rel.max() > VALIDATED_RELATIVE_PERTURBATION)
+        return bool(self.relative_perturbation.max() > VALIDATED_RELATIVE_PERTURBATION)
 
     @property
     def i2f(self) -> float:
