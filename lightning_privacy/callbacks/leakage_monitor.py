@@ -30,8 +30,7 @@ Guarantee: none -- I2F is a first-order estimate around a perfect attacker, not 
 attack. It tracks converged L-BFGS attacks on small sigmoid networks (see the README); it can be
 off for highly non-convex losses or large perturbations. ``leakage/relative_perturbation`` logs
 ``‖δ‖ / ‖g‖``; once it passes ``VALIDATED_RELATIVE_PERTURBATION`` (6 %, the range the README
-checked) the callback warns once that the estimate has left that range (there it over-states
-leakage).
+checked) the callback warns once that the estimate has left the range where it is calibrated.
 
 Trajectory: the estimate works on ``torch.func.functional_call`` with detached parameters and
 cloned buffers inside a forked RNG, and restores train/eval mode, so the training run is bitwise
@@ -218,9 +217,10 @@ class LeakageMonitor(ScheduledObserver):
         rank_zero_warn(
             f"‖δ‖/‖g‖ reaches {float(estimate.relative_perturbation.max()):.3f} on the held-out "
             f"batch, past the {VALIDATED_RELATIVE_PERTURBATION:.0%} up to which the I2F was "
-            "checked against a converged attack. Beyond it the first-order estimate over-states "
-            "leakage (the attack does worse than predicted): read leakage/predicted_psnr as a "
-            "pessimistic figure."
+            "checked against a converged attack. Beyond it the first-order estimate is not "
+            "calibrated: read leakage/predicted_psnr as a rough figure (in those checks an "
+            "unclamped attack then did worse than predicted, while an attack clamped to the valid "
+            "input range never scores below a constant image)."
         )
 
     def _check_threshold(self, trainer: L.Trainer, estimate: LeakageEstimate) -> None:

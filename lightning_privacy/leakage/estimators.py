@@ -48,7 +48,7 @@ ESTIMATORS = ("exact", "expected", "lower_bound")
 
 #: ``‖δ‖ / ‖g‖`` up to which the I2F was checked against a converged attack (README, I2F fidelity:
 #: error ÷ I2F 0.95-1.16, rank correlation >= 0.92). Beyond it the first-order expansion departs
-#: and the I2F over-states leakage: the attack does worse than predicted.
+#: from the attack (an unclamped attack does worse than predicted) and the estimate is uncalibrated.
 VALIDATED_RELATIVE_PERTURBATION = 0.06
 
 
@@ -140,7 +140,7 @@ class LeakageEstimate:
         targets: ``(B,)`` the labels, for per-class summaries.
         relative_perturbation: ``(B,)`` ``‖δ‖ / ‖g‖`` per example (root-mean-square over the draws;
             in closed form for ``"expected"``): how far the I2F's linearisation is stretched.
-            Above :data:`VALIDATED_RELATIVE_PERTURBATION` it over-states leakage.
+            Above :data:`VALIDATED_RELATIVE_PERTURBATION` the estimate is not calibrated.
         per_class_predicted_psnr: ``{class: mean predicted PSNR}``.
         lanczos: One :class:`LanczosResult` per example (``λ_max`` iterations and convergence).
     """
