@@ -7,7 +7,9 @@ start, no box, one trial, stops when the matching loss stalls). Its L2 error ‖
 with the exact, undamped I2F ‖(J Jᵀ)⁻¹ J δ‖ computed by ``lightning_privacy.leakage``.
 
 1. Ranking at fixed noise: Spearman correlation across faces between attack error and I2F, ‖δ‖,
-   and the lower bound ‖J δ‖ / λ_max, at each fixed Gaussian sigma.
+   and the lower bound ‖J δ‖ / λ_max, at each fixed Gaussian sigma; how many faces the attack
+   rebuilds better than a constant image; and the same ranking for the attack started at the
+   true face (the solution nearest to it, which the I2F linearises).
 2. Calibration: attack error / I2F per noise level (and where it departs from 1).
 3. δ along eigenvectors of J Jᵀ (right singular vectors of J), equal ‖δ‖: error vs c / √λ.
 4. Initialisation: uniform vs normal vs kaiming vs xavier under the same Gaussian defense.
