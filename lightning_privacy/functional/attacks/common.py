@@ -161,8 +161,8 @@ class GradientMatcher:
         >>> m = torch.nn.Linear(3, 2)
         >>> x, y = torch.rand(1, 3), torch.tensor([1])
         >>> matcher = GradientMatcher(m, observed_gradients_of(m, x, y), loss_fn=F.cross_entropy)
-        >>> round(float(matcher.cosine(x, y).detach()), 4)
-        0.0
+        >>> abs(float(matcher.cosine(x, y).detach())) < 1e-6  # the true input matches exactly
+        True
     """
 
     def __init__(self, model: nn.Module, gradients: Gradients, *, loss_fn: LossFn) -> None:
