@@ -10,9 +10,12 @@ Example:
 
 from lightning_privacy.defenses.base import (
     AdditiveNoise,
+    DPRole,
+    FormalMechanism,
     GradientTransform,
     apply_transforms,
     draw_noise,
+    formal_mechanism,
 )
 from lightning_privacy.defenses.transforms import (
     DEFENSES,
@@ -29,6 +32,8 @@ from lightning_privacy.defenses.transforms import (
 __all__ = [
     "DEFENSES",
     "AdditiveNoise",
+    "DPRole",
+    "FormalMechanism",
     "GaussianNoise",
     "GradientClipping",
     "GradientTransform",
@@ -39,5 +44,6 @@ __all__ = [
     "apply_transforms",
     "create_defense",
     "draw_noise",
+    "formal_mechanism",
     "list_defenses",
 ]

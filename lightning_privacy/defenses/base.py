@@ -18,31 +18,71 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from enum import Enum
+from typing import Any, ClassVar, NamedTuple
 
 from torch import Generator, Tensor
 
 from lightning_privacy.functional.defenses import add_noise
 
 
+class DPRole(str, Enum):
+    """The part a transform plays in a Gaussian mechanism (read by :func:`formal_mechanism`).
+
+    * ``SENSITIVITY_BOUND``: the output's global L2 norm is at most ``transform.l2_bound``
+      whatever the input (batch clipping).
+    * ``GAUSSIAN_NOISE``: adds ``N(0, transform.std^2 I)`` drawn independently of the input.
+    * ``NONE``: anything else (pruning, low-rank, Laplace noise, ...).
+    """
+
+    NONE = "none"
+    SENSITIVITY_BOUND = "sensitivity_bound"
+    GAUSSIAN_NOISE = "gaussian_noise"
+
+
+class FormalMechanism(NamedTuple):
+    """A pipeline that is a Gaussian mechanism: L2 bound ``max_norm``, noise std ``std``.
+
+    Example:
+        >>> max_norm, std = FormalMechanism(max_norm=1.0, std=2.0)
+        >>> std / max_norm
+        2.0
+    """
+
+    max_norm: float
+    std: float
+
+
 class GradientTransform(ABC):
     """Base class of gradient defenses.
 
     Attributes:
-        provides_formal_dp: Whether this transform alone is a differentially private mechanism
-            with a computable epsilon. Only clipping followed by calibrated Gaussian noise is.
+        provides_formal_dp: Whether this transform *alone* is a Gaussian mechanism with a
+            computable epsilon; such a transform returns its parameters from :meth:`mechanism`.
+            ``False`` for every built-in transform: only a pipeline with clipping immediately
+            followed by Gaussian noise is one (see :func:`formal_mechanism`).
+        dp_role: The transform's part in such a pipeline (:class:`DPRole`).
         needs_global_view: Whether the result on one tensor depends on the other tensors (global
             norm clipping, global top-k). Such transforms must see all gradients at once.
         uses_randomness: Whether ``__call__`` draws from ``generator``. ``True`` unless a
             transform says otherwise, so a transform of unknown kind is never assumed
             deterministic.
+        strength: The name of the setting a sweep varies (``"std"``, ``"ratio"``, ...); a
+            ``defenses:`` entry's ``strengths`` are values of it.
     """
 
     provides_formal_dp: ClassVar[bool] = False
+    dp_role: ClassVar[DPRole] = DPRole.NONE
     needs_global_view: ClassVar[bool] = False
     uses_randomness: ClassVar[bool] = True
+    strength: ClassVar[str]
+
+    def mechanism(self) -> FormalMechanism | None:
+        """This transform's Gaussian mechanism when :attr:`provides_formal_dp` (else ``None``)."""
+        return None
 
     @abstractmethod
     def __call__(
@@ -88,6 +128,50 @@ class AdditiveNoise(GradientTransform):
 
 
 DrawnNoise = Mapping[int, "list[Tensor] | None"]
+
+
+def formal_mechanism(transforms: Sequence[GradientTransform]) -> FormalMechanism | None:
+    """The Gaussian mechanism a pipeline implements, from its transforms' metadata, or ``None``.
+
+    A pipeline is one when a transform :attr:`~GradientTransform.provides_formal_dp` alone, or
+    when a :attr:`DPRole.SENSITIVITY_BOUND` transform (clipping to ``C``) is immediately followed
+    by :attr:`DPRole.GAUSSIAN_NOISE` with ``std > 0``. Transforms before the bound do not change
+    it (clipping bounds whatever they produce) and transforms after the noise are
+    post-processing, so neither weakens the guarantee.
+
+    Example:
+        >>> from lightning_privacy.defenses import GaussianNoise, GradientClipping, MagnitudePruning
+        >>> formal_mechanism([GradientClipping(max_norm=1.0), GaussianNoise(std=2.0)])
+        FormalMechanism(max_norm=1.0, std=2.0)
+        >>> formal_mechanism([GaussianNoise(std=2.0), GradientClipping(max_norm=1.0)]) is None
+        True
+        >>> formal_mechanism([GradientClipping(max_norm=1.0), GaussianNoise(std=2.0),
+        ...                   MagnitudePruning(ratio=0.9)])  # pruning afterwards: post-processing
+        FormalMechanism(max_norm=1.0, std=2.0)
+    """
+    pipeline = list(transforms)
+    for transform in pipeline:
+        if transform.provides_formal_dp:
+            return transform.mechanism()
+    for bound, noise in itertools.pairwise(pipeline):
+        if (
+            bound.dp_role is DPRole.SENSITIVITY_BOUND
+            and noise.dp_role is DPRole.GAUSSIAN_NOISE
+            and _attribute(noise, "std") > 0
+        ):
+            return FormalMechanism(_attribute(bound, "l2_bound"), _attribute(noise, "std"))
+    return None
+
+
+def _attribute(transform: GradientTransform, name: str) -> Any:
+    """``transform.<name>``, which its :class:`DPRole` promises."""
+    try:
+        return float(getattr(transform, name))
+    except AttributeError:
+        raise TypeError(
+            f"Expected {type(transform).__name__} (dp_role={transform.dp_role.value!r}) to "
+            f"define `{name}`, but it has none."
+        ) from None
 
 
 def can_draw_noise_ahead(transforms: Sequence[GradientTransform]) -> bool:

@@ -3,9 +3,12 @@
 Each component wraps one function of :mod:`lightning_privacy.functional.defenses`, validates its
 settings once in ``__post_init__`` and declares two facts used by the callbacks:
 
-* ``provides_formal_dp`` -- ``False`` for every component on its own. Only the pipeline
-  ``[GradientClipping(max_norm=C), GaussianNoise(std=sigma * C)]`` is a Gaussian mechanism with a
-  computable epsilon; ``GradientDefense`` recognises that pipeline and accounts for it.
+* ``provides_formal_dp`` -- ``False`` for every component on its own; ``dp_role`` marks
+  ``GradientClipping`` as a sensitivity bound and ``GaussianNoise`` as Gaussian noise, so the
+  pipeline ``[GradientClipping(max_norm=C), GaussianNoise(std=sigma * C)]`` is recognised as a
+  Gaussian mechanism with a computable epsilon
+  (:func:`~lightning_privacy.defenses.formal_mechanism`, which ``GradientDefense`` accounts for).
+* ``strength`` -- the setting a sweep varies (``std``, ``ratio``, ``rank``, ...).
 * ``needs_global_view`` -- ``True`` when the result for one parameter depends on the others
   (global-norm clipping, global top-k), so the transform must see the whole gradient at once.
 
@@ -29,7 +32,7 @@ from torch import Generator, Tensor
 
 from lightning_privacy._registry import Registry
 from lightning_privacy._validation import check_choice, check_float, check_int
-from lightning_privacy.defenses.base import AdditiveNoise, GradientTransform
+from lightning_privacy.defenses.base import AdditiveNoise, DPRole, GradientTransform
 from lightning_privacy.functional import defenses as F
 
 DEFENSES: Registry[GradientTransform] = Registry("defense")
@@ -54,8 +57,8 @@ class GaussianNoise(AdditiveNoise):
     """
 
     std: float
-    provides_formal_dp: ClassVar[bool] = False
-    needs_global_view: ClassVar[bool] = False
+    strength: ClassVar[str] = "std"
+    dp_role: ClassVar[DPRole] = DPRole.GAUSSIAN_NOISE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "std", check_float("std", self.std, low=0.0))
@@ -83,8 +86,7 @@ class LaplaceNoise(AdditiveNoise):
     """
 
     scale: float
-    provides_formal_dp: ClassVar[bool] = False
-    needs_global_view: ClassVar[bool] = False
+    strength: ClassVar[str] = "scale"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", check_float("scale", self.scale, low=0.0))
@@ -115,13 +117,19 @@ class GradientClipping(GradientTransform):
     """
 
     max_norm: float
-    provides_formal_dp: ClassVar[bool] = False
+    strength: ClassVar[str] = "max_norm"
+    dp_role: ClassVar[DPRole] = DPRole.SENSITIVITY_BOUND
     uses_randomness: ClassVar[bool] = False
     needs_global_view: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         value = check_float("max_norm", self.max_norm, low=0.0, low_open=True)
         object.__setattr__(self, "max_norm", value)
+
+    @property
+    def l2_bound(self) -> float:
+        """The output's global L2 norm is at most ``max_norm`` (``DPRole.SENSITIVITY_BOUND``)."""
+        return self.max_norm
 
     def __call__(
         self, gradients: Sequence[Tensor], *, generator: Generator | None = None
@@ -150,7 +158,7 @@ class MagnitudePruning(GradientTransform):
 
     ratio: float
     scope: str = "per_tensor"
-    provides_formal_dp: ClassVar[bool] = False
+    strength: ClassVar[str] = "ratio"
     uses_randomness: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
@@ -184,8 +192,7 @@ class RandomPruning(GradientTransform):
     """
 
     ratio: float
-    provides_formal_dp: ClassVar[bool] = False
-    needs_global_view: ClassVar[bool] = False
+    strength: ClassVar[str] = "ratio"
 
     def __post_init__(self) -> None:
         ratio = check_float("ratio", self.ratio, low=0.0, high=1.0, high_open=True)
@@ -217,9 +224,8 @@ class LowRankFiltering(GradientTransform):
     """
 
     rank: int
-    provides_formal_dp: ClassVar[bool] = False
+    strength: ClassVar[str] = "rank"
     uses_randomness: ClassVar[bool] = False
-    needs_global_view: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_int("rank", self.rank, low=1)
