@@ -9,8 +9,8 @@ Example:
     ...         self.side = side
     >>> shapes.create("square", side=2.0).side
     2.0
-    >>> shapes.names()
-    ['square']
+    >>> shapes.names(), "square" in shapes, list(shapes)
+    (['square'], True, ['square'])
     >>> shapes.create("sqare")
     Traceback (most recent call last):
     ...
@@ -20,7 +20,7 @@ Example:
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -67,3 +67,10 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        """The registered names, sorted (so a registry reads like the tuple of its names)."""
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._entries)
