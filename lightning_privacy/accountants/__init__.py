@@ -8,6 +8,7 @@ Example:
     10
 """
 
+from lightning_privacy.accountants.base import Accountant
 from lightning_privacy.accountants.batch_clipping import BatchClippingAccountant
 from lightning_privacy.accountants.gaussian import (
     GaussianMechanismAccountant,
@@ -23,6 +24,7 @@ from lightning_privacy.accountants.registry import (
 
 __all__ = [
     "ACCOUNTANTS",
+    "Accountant",
     "BatchClippingAccountant",
     "GDPAccountant",
     "GaussianMechanismAccountant",

@@ -48,11 +48,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from lightning_privacy._validation import check_float, check_int
+from lightning_privacy.accountants.base import Accountant
 from lightning_privacy.accountants.gaussian import RDPAccountant
 from lightning_privacy.functional.accounting import batch_clipping_noise_multiplier, check_delta
 
 
-class BatchClippingAccountant:
+class BatchClippingAccountant(Accountant):
     """RDP accountant for batch clipping + Gaussian noise, one Gaussian mechanism per epoch.
 
     Args:
@@ -75,6 +76,8 @@ class BatchClippingAccountant:
         >>> other.get_epsilon(1e-5) == acct.get_epsilon(1e-5)
         True
     """
+
+    mechanism = "batch_clipping"
 
     def __init__(self, *, max_grad_norm: float, std: float) -> None:
         self.max_grad_norm = check_float("max_grad_norm", max_grad_norm, low=0.0, low_open=True)

@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 from opacus.accountants import IAccountant
 from opacus.accountants import create_accountant as _opacus_create
 
 from lightning_privacy._validation import check_float, check_int
+from lightning_privacy.accountants.base import Accountant
 from lightning_privacy.functional.accounting import check_delta
 
 
-class GaussianMechanismAccountant:
+class GaussianMechanismAccountant(Accountant):
     """Base of the Opacus-backed accountants: history of ``(noise_multiplier, sample_rate, steps)``.
 
     Each step is assumed to be a Gaussian mechanism on a sum of per-example contributions of norm
@@ -41,8 +42,6 @@ class GaussianMechanismAccountant:
         >>> acct.mechanism, acct.steps
         ('prv', 0)
     """
-
-    mechanism: ClassVar[str] = ""
 
     def __init__(self) -> None:
         with warnings.catch_warnings():

@@ -16,17 +16,16 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_privacy._registry import Registry
+from lightning_privacy.accountants.base import Accountant
 from lightning_privacy.accountants.batch_clipping import BatchClippingAccountant
 from lightning_privacy.accountants.gaussian import GDPAccountant, PRVAccountant, RDPAccountant
 
-ACCOUNTANTS: Registry[Any] = Registry("accountant")
-ACCOUNTANTS.register("rdp")(RDPAccountant)
-ACCOUNTANTS.register("prv")(PRVAccountant)
-ACCOUNTANTS.register("gdp")(GDPAccountant)
-ACCOUNTANTS.register("batch_clipping")(BatchClippingAccountant)
+ACCOUNTANTS: Registry[Accountant] = Registry("accountant")
+for _accountant in (RDPAccountant, PRVAccountant, GDPAccountant, BatchClippingAccountant):
+    ACCOUNTANTS.register(_accountant.mechanism)(_accountant)
 
 
-def create_accountant(name: str, **kwargs: Any) -> Any:
+def create_accountant(name: str, **kwargs: Any) -> Accountant:
     """Build the accountant registered under ``name`` with ``kwargs``.
 
     Example:
