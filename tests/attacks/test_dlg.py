@@ -20,6 +20,11 @@ def _tiny_lenet(num_classes=10, seed=1234):
     return LeNetDLG(num_classes=num_classes, channels=1, image_size=8, width=4)
 
 
+def _attack_one_image(model, grads, **options):
+    """``deep_leakage`` on one 1x8x8 image (the tiny LeNet's input)."""
+    return deep_leakage(model, grads, input_shape=(1, 8, 8), num_samples=1, **options)
+
+
 def test_dlg_recovers_image_and_label_on_tiny_sigmoid_lenet():
     model = _tiny_lenet()
     x = torch.rand(1, 1, 8, 8, generator=_gen(5))
@@ -40,15 +45,7 @@ def test_dlg_wrong_gradient_does_not_converge():
     """The matching loss is the success signal: a random target cannot be matched."""
     model = _tiny_lenet()
     grads = [torch.randn(p.shape, generator=_gen(3)) for p in model.parameters()]
-    rec = deep_leakage(
-        model,
-        grads,
-        input_shape=(1, 8, 8),
-        num_samples=1,
-        max_iterations=5,
-        restarts=2,
-        generator=_gen(0),
-    )
+    rec = _attack_one_image(model, grads, max_iterations=5, restarts=2, generator=_gen(0))
     assert len(rec.metadata["trial_losses"]) == 2
     assert rec.objective > 1e-3
 
@@ -57,11 +54,9 @@ def test_restarts_keep_the_smallest_loss_and_stop_on_success():
     model = _tiny_lenet()
     x = torch.rand(1, 1, 8, 8, generator=_gen(2))
     grads = observed_gradients_of(model, x, torch.tensor([1]))
-    rec = deep_leakage(
+    rec = _attack_one_image(
         model,
         grads,
-        input_shape=(1, 8, 8),
-        num_samples=1,
         labels=torch.tensor([1]),
         max_iterations=2,
         restarts=3,
@@ -77,23 +72,9 @@ def test_same_generator_same_result_and_global_rng_untouched():
     model = _tiny_lenet()
     grads = observed_gradients_of(model, torch.rand(1, 1, 8, 8), torch.tensor([2]))
     state = torch.get_rng_state()
-    a = deep_leakage(
-        model,
-        grads,
-        input_shape=(1, 8, 8),
-        num_samples=1,
-        max_iterations=3,
-        restarts=1,
-        generator=_gen(4),
-    )
-    b = deep_leakage(
-        model,
-        grads,
-        input_shape=(1, 8, 8),
-        num_samples=1,
-        max_iterations=3,
-        restarts=1,
-        generator=_gen(4),
+    a, b = (
+        _attack_one_image(model, grads, max_iterations=3, restarts=1, generator=_gen(4))
+        for _ in range(2)
     )
     assert torch.equal(a.inputs, b.inputs)
     assert torch.equal(state, torch.get_rng_state())

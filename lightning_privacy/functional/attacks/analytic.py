@@ -26,8 +26,7 @@ Example:
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +36,11 @@ from lightning_privacy.functional.attacks.common import (
     Gradients,
     LossFn,
     Reconstruction,
+    Stopwatch,
+    build_reconstruction,
     check_num_samples,
+    given_or_restored_labels,
     resolve_gradients,
-    restore_labels,
-    threat_metadata,
 )
 
 
@@ -54,13 +54,9 @@ def first_linear(model: nn.Module, layer: str | None = None) -> str:
         >>> first_linear(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2, 2)))
         '1'
     """
-    modules = dict(model.named_modules())
-    if layer is None:
-        layer = next(
-            (n for n, m in modules.items() if any(True for _ in m.parameters(recurse=False))),
-            None,
-        )
-    module = modules.get(layer) if layer is not None else None
+    layer, module = _named_module(
+        model, layer, lambda m: any(True for _ in m.parameters(recurse=False))
+    )
     if not isinstance(module, nn.Linear) or module.bias is None:
         raise ValueError(
             "Expected the attacked layer to be an nn.Linear with a bias (the analytic attack "
@@ -112,9 +108,30 @@ def analytic_linear(
         True
     """
     num_samples = check_num_samples(num_samples)
-    start = time.perf_counter()
+    clock = Stopwatch()
     target = resolve_gradients(model, gradients)
     name = first_linear(model, layer)
+    dw, db = _layer_gradients(target, name, input_shape)
+    valid = db.abs() > tol * db.abs().max().clamp_min(1e-30)
+    inputs, groups = _inputs_from_rows(dw[valid], db[valid], num_samples, input_shape, tol)
+    return build_reconstruction(
+        model,
+        inputs=inputs,
+        labels=_labels_or_none(model, target, num_samples, labels),
+        history=[],
+        labels_known=labels is not None,
+        attack="analytic_linear",
+        layer=name,
+        rows_used=int(valid.sum()),
+        group_sizes=groups,
+        seconds=clock.seconds(),
+    )
+
+
+def _layer_gradients(
+    target: dict[str, Tensor], name: str, input_shape: Sequence[int]
+) -> tuple[Tensor, Tensor]:
+    """The weight and bias gradients of linear layer ``name``, checked against ``input_shape``."""
     prefix = f"{name}." if name else ""
     dw, db = target[f"{prefix}weight"], target[f"{prefix}bias"]
     width = int(torch.tensor(input_shape).prod())
@@ -123,36 +140,28 @@ def analytic_linear(
             f"Expected `input_shape` {tuple(input_shape)} to have {dw.shape[1]} elements (the "
             f"layer's in_features), but it has {width}."
         )
-    valid = db.abs() > tol * db.abs().max().clamp_min(1e-30)
-    rows, bias = dw[valid], db[valid]
-    if not bool(valid.any()):  # a zero gradient (e.g. every row inactive) leaks nothing
-        inputs = torch.zeros(num_samples, *input_shape)
-        groups = [0] * num_samples
-    elif num_samples == 1:
-        inputs = ((bias[:, None] * rows).sum(0) / (bias**2).sum()).reshape(1, *input_shape)
-        groups = [int(valid.sum())]
-    else:
-        inputs, groups = _grouped_rows(rows / bias[:, None], num_samples, tol**0.5)
-        inputs = inputs.reshape(num_samples, *input_shape)
-    used = (
-        labels.reshape(-1).long()
-        if labels is not None
-        else _labels_or_none(model, target, num_samples)
-    )
-    metadata = threat_metadata(model, labels_known=labels is not None)
-    metadata.update(
-        attack="analytic_linear",
-        layer=name,
-        rows_used=int(valid.sum()),
-        group_sizes=groups,
-        seconds=time.perf_counter() - start,
-    )
-    return Reconstruction(inputs=inputs, labels=used, history=[], metadata=metadata)
+    return dw, db
 
 
-def _labels_or_none(model: nn.Module, target: dict[str, Tensor], num_samples: int) -> Tensor | None:
+def _inputs_from_rows(
+    rows: Tensor, bias: Tensor, num_samples: int, input_shape: Sequence[int], tol: float
+) -> tuple[Tensor, list[int]]:
+    """Inputs from the kept rows ``dW_i`` and ``db_i``, and how many rows each one stands on."""
+    if not len(bias):  # a zero gradient (e.g. every row inactive) leaks nothing
+        return torch.zeros(num_samples, *input_shape), [0] * num_samples
+    if num_samples == 1:
+        inputs = (bias[:, None] * rows).sum(0) / (bias**2).sum()
+        return inputs.reshape(1, *input_shape), [len(bias)]
+    inputs, groups = _grouped_rows(rows / bias[:, None], num_samples, tol**0.5)
+    return inputs.reshape(num_samples, *input_shape), groups
+
+
+def _labels_or_none(
+    model: nn.Module, target: dict[str, Tensor], num_samples: int, labels: Tensor | None
+) -> Tensor | None:
+    """The given labels, else those read off the last linear layer, else ``None`` (not seen)."""
     try:
-        return restore_labels(model, target, num_samples)
+        return given_or_restored_labels(model, target, num_samples, labels)
     except ValueError:
         return None
 
@@ -217,45 +226,67 @@ def token_leakage(
         [2, 7]
     """
     num_samples = check_num_samples(num_samples)
-    start = time.perf_counter()
+    clock = Stopwatch()
     target = resolve_gradients(model, gradients)
+    embedding, weight = _token_embedding(model, embedding)
+    key = f"{embedding}.weight"
+    if key not in target:
+        raise ValueError(f"Expected the gradient of `{key}` (the token embedding).")
+    tied = any(isinstance(m, nn.Linear) and m.weight is weight for m in model.modules())
+    max_tokens = min(num_samples * int(torch.tensor(input_shape).prod()), weight.shape[0])
+    present = (
+        _rows_above_gap(target[key], max_tokens)
+        if tied
+        else _untied_tokens(model, target, key, max_tokens, tol)
+    )
+    return build_reconstruction(
+        model,
+        inputs=present.sort().values,
+        labels=None,
+        history=[],
+        labels_known=False,
+        attack="token_leakage",
+        tied=tied,
+        embedding=embedding,
+        seconds=clock.seconds(),
+    )
+
+
+def _named_module(
+    model: nn.Module, name: str | None, default: Callable[[nn.Module], bool]
+) -> tuple[str | None, nn.Module | None]:
+    """Module ``name``, or without a name the first one ``default`` picks; ``None`` if absent."""
     modules = dict(model.named_modules())
-    if embedding is None:
-        embedding = next((n for n, m in modules.items() if isinstance(m, nn.Embedding)), None)
-    module = modules.get(embedding) if embedding is not None else None
+    if name is None:
+        name = next((n for n, m in modules.items() if default(m)), None)
+    return name, modules.get(name) if name is not None else None
+
+
+def _token_embedding(model: nn.Module, embedding: str | None) -> tuple[str, Tensor]:
+    """Name and weight of the token embedding: ``embedding`` or the first ``nn.Embedding``."""
+    embedding, module = _named_module(model, embedding, lambda m: isinstance(m, nn.Embedding))
     if not isinstance(module, nn.Embedding):
         raise ValueError(
             "Expected a model with a token nn.Embedding (token leakage attacks text models), but "
             f"found none at {embedding!r}."
         )
-    key = f"{embedding}.weight"
-    if key not in target:
-        raise ValueError(f"Expected the gradient of `{key}` (the token embedding).")
-    weight = module.weight
-    head = next(
-        (n for n, m in modules.items() if isinstance(m, nn.Linear) and m.weight is weight), None
-    )
-    tied = head is not None
-    max_tokens = min(num_samples * int(torch.tensor(input_shape).prod()), weight.shape[0])
+    assert embedding is not None
+    return embedding, module.weight
+
+
+def _untied_tokens(
+    model: nn.Module, target: dict[str, Tensor], key: str, max_tokens: int, tol: float
+) -> Tensor:
+    """Tokens of an untied embedding: its non-zero gradient rows plus the head's standouts."""
     rows = target[key]
-    if tied:
-        present = _rows_above_gap(rows, max_tokens)
-    else:
-        norms = rows.norm(dim=1)
-        present = (norms > tol * norms.max().clamp_min(1e-30)).nonzero().flatten()
-        # The last token of each sequence is only a target: read it from the output head.
-        out = _output_head(model, weight.shape[0])
-        if out is not None and f"{out}.weight" in target:
-            extra = _rows_above_gap(target[f"{out}.weight"], max_tokens)
-            present = torch.unique(torch.cat([present, extra]))
-    metadata = threat_metadata(model, labels_known=False)
-    metadata.update(
-        attack="token_leakage",
-        tied=tied,
-        embedding=embedding,
-        seconds=time.perf_counter() - start,
-    )
-    return Reconstruction(inputs=present.sort().values, labels=None, history=[], metadata=metadata)
+    norms = rows.norm(dim=1)
+    present = (norms > tol * norms.max().clamp_min(1e-30)).nonzero().flatten()
+    # The last token of each sequence is only a target: read it from the output head.
+    out = _output_head(model, rows.shape[0])
+    if out is not None and f"{out}.weight" in target:
+        extra = _rows_above_gap(target[f"{out}.weight"], max_tokens)
+        present = torch.unique(torch.cat([present, extra]))
+    return present
 
 
 def _output_head(model: nn.Module, vocab_size: int) -> str | None:

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,6 +90,28 @@ def threat_metadata(model: nn.Module, *, labels_known: bool) -> dict[str, Any]:
     """
     mode = bn_mode(model)
     return {"bn_mode": mode, "bn_stats_known": mode == "eval", "labels_known": labels_known}
+
+
+def build_reconstruction(
+    model: nn.Module,
+    *,
+    inputs: Tensor,
+    labels: Tensor | None,
+    history: list[float],
+    labels_known: bool,
+    **facts: Any,
+) -> Reconstruction:
+    """An attack's result, its metadata the threat-model facts followed by ``facts`` in order.
+
+    Example:
+        >>> rec = build_reconstruction(torch.nn.Linear(2, 2), inputs=torch.zeros(1, 2),
+        ...                            labels=None, history=[], labels_known=False, attack="demo")
+        >>> rec.metadata
+        {'bn_mode': 'none', 'bn_stats_known': False, 'labels_known': False, 'attack': 'demo'}
+    """
+    metadata = threat_metadata(model, labels_known=labels_known)
+    metadata.update(facts)
+    return Reconstruction(inputs=inputs, labels=labels, history=history, metadata=metadata)
 
 
 def resolve_gradients(model: nn.Module, gradients: Gradients) -> dict[str, Tensor]:
@@ -274,6 +297,27 @@ def restore_labels(model: nn.Module, gradients: Gradients, num_samples: int) -> 
     return order.repeat(reps)[:num_samples].sort().values
 
 
+def given_or_restored_labels(
+    model: nn.Module, gradients: Gradients, num_samples: int, labels: Tensor | None
+) -> Tensor:
+    """The given ``labels`` as a flat int64 tensor, else :func:`restore_labels`' estimate.
+
+    Raises:
+        ValueError: If no labels are given and the last linear layer's gradient is not observed.
+
+    Example:
+        >>> m = torch.nn.Linear(5, 4)
+        >>> g = observed_gradients_of(m, torch.rand(1, 5), torch.tensor([3]))
+        >>> given_or_restored_labels(m, g, 1, None)
+        tensor([3])
+        >>> given_or_restored_labels(m, g, 1, torch.tensor([[1]]))
+        tensor([1])
+    """
+    if labels is not None:
+        return labels.reshape(-1).long()
+    return restore_labels(model, gradients, num_samples)
+
+
 def _count_labels(bias_grad: Tensor, num_samples: int) -> Tensor:
     """Label counts from a mean-reduced bias gradient (see :func:`restore_labels`)."""
     db = bias_grad.double()
@@ -300,3 +344,86 @@ def check_num_samples(num_samples: Any) -> int:
     from lightning_privacy._validation import check_int
 
     return check_int("num_samples", num_samples, low=1)
+
+
+class Stopwatch:
+    """Wall time since construction, against an optional budget (``max_seconds``).
+
+    Example:
+        >>> Stopwatch().expired(), Stopwatch(max_seconds=-1.0).expired(), Stopwatch().seconds() >= 0
+        (False, True, True)
+    """
+
+    def __init__(self, max_seconds: float | None = None) -> None:
+        self.max_seconds = max_seconds
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        """Seconds since the stopwatch was started."""
+        return time.perf_counter() - self.started
+
+    def expired(self) -> bool:
+        """Whether the budget is spent (never without one)."""
+        return self.max_seconds is not None and self.seconds() > self.max_seconds
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One run of an iterative attack from one start.
+
+    Attributes:
+        loss: What trials are ranked by (smaller is better; ``inf`` for a diverged run).
+        inputs: The run's kept inputs.
+        labels: The run's labels, or ``None`` where all runs share them.
+        history: Objective value after each outer step.
+        evaluations: Objective evaluations the run spent.
+
+    Example:
+        >>> Trial(loss=0.5, inputs=torch.zeros(1, 2), labels=None, history=[1.0, 0.5],
+        ...       evaluations=2).loss
+        0.5
+    """
+
+    loss: float
+    inputs: Tensor
+    labels: Tensor | None
+    history: list[float]
+    evaluations: int
+
+
+def best_of_restarts(
+    run_trial: Callable[[], Trial], restarts: int, *, stop: Callable[[Trial], bool]
+) -> tuple[Trial, list[float], int]:
+    """Run up to ``restarts`` trials, keeping the one with the smallest loss (the first of equals).
+
+    Args:
+        run_trial: Runs one trial from a fresh start.
+        restarts: Most trials to run (at least one).
+        stop: Whether no further trial runs after this one (success or time out).
+
+    Returns:
+        The kept trial, the loss of every trial run, and their evaluations in all.
+
+    Example:
+        >>> losses = iter([3.0, 1.0, 2.0, 0.0])
+        >>> def run_trial():
+        ...     return Trial(loss=next(losses), inputs=torch.zeros(1), labels=None, history=[],
+        ...                  evaluations=2)
+        >>> kept, trial_losses, evaluations = best_of_restarts(
+        ...     run_trial, 4, stop=lambda trial: trial.loss < 2.5 and trial.loss > 1.5)
+        >>> kept.loss, trial_losses, evaluations
+        (1.0, [3.0, 1.0, 2.0], 6)
+    """
+    kept: Trial | None = None
+    losses: list[float] = []
+    evaluations = 0
+    for _ in range(restarts):
+        trial = run_trial()
+        losses.append(trial.loss)
+        evaluations += trial.evaluations
+        if kept is None or trial.loss < kept.loss:
+            kept = trial
+        if stop(trial):
+            break
+    assert kept is not None  # restarts >= 1 is validated by the caller
+    return kept, losses, evaluations

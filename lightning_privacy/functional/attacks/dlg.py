@@ -30,9 +30,10 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +44,12 @@ from lightning_privacy.functional.attacks.common import (
     Gradients,
     LossFn,
     Reconstruction,
+    Stopwatch,
+    Trial,
+    best_of_restarts,
+    build_reconstruction,
     check_num_samples,
-    restore_labels,
-    threat_metadata,
+    given_or_restored_labels,
 )
 
 INITS = ("uniform", "randn")
@@ -143,97 +147,139 @@ def deep_leakage(
     _check_start(start, shape)
     matcher = GradientMatcher(model, gradients, loss_fn=loss_fn)
     labels_known = labels is not None
-    fixed: Tensor | None = None
-    if labels is not None:
-        fixed = labels.reshape(-1).long()
-    elif label_strategy == "idlg":
-        fixed = restore_labels(model, matcher.target, num_samples)
+    restored = labels_known or label_strategy == "idlg"  # else "joint": labels are optimised
+    fixed = (
+        given_or_restored_labels(model, matcher.target, num_samples, labels) if restored else None
+    )
     num_classes = _num_outputs(model, matcher, shape)
-    started = time.perf_counter()
-    best: tuple[float, Tensor, Tensor, list[float]] | None = None
-    trial_losses: list[float] = []
-    evaluations = 0
-    latest = math.inf
-    threshold = tol * float(matcher.target_norm) ** 2
-    for _ in range(restarts):
-        x = (
-            initial_inputs(shape, init, box, generator) if start is None else start.detach().clone()
-        ).requires_grad_(True)
-        leaves = [x]
-        y_logits: Tensor | None = None
-        if fixed is None:
-            y_logits = torch.randn(num_samples, num_classes, generator=generator)
-            y_logits.requires_grad_(True)
-            leaves.append(y_logits)
-        optimizer = torch.optim.LBFGS(
-            leaves,
-            lr=lr,
-            max_iter=inner_iterations,
-            history_size=history_size,
-            line_search_fn="strong_wolfe" if line_search else None,
+    clock = Stopwatch(max_seconds)
+    rule = _StoppingRule(max_iterations, tol * float(matcher.target_norm) ** 2, clock)
+    lbfgs = _lbfgs(lr, inner_iterations, history_size, line_search)
+
+    def run_trial() -> Trial:
+        x = initial_inputs(shape, init, box, generator) if start is None else start.detach().clone()
+        joint = fixed is None
+        y_logits = torch.randn(num_samples, num_classes, generator=generator) if joint else None
+        return _DummyBatch(matcher, x, y_logits, fixed, lbfgs).run(rule)
+
+    kept, trial_losses, evaluations = best_of_restarts(
+        run_trial, restarts, stop=lambda trial: rule.converged(trial.loss) or clock.expired()
+    )
+    return build_reconstruction(
+        model,
+        inputs=kept.inputs.clamp(*box) if box is not None else kept.inputs,
+        labels=kept.labels,
+        history=kept.history,
+        labels_known=labels_known,
+        attack="deep_leakage" if label_strategy == "joint" or labels_known else "idlg",
+        trial_losses=trial_losses,
+        evaluations=evaluations,
+        seconds=clock.seconds(),
+        label_strategy="given" if labels_known else label_strategy,
+    )
+
+
+def _lbfgs(
+    lr: float, inner_iterations: int, history_size: int, line_search: bool
+) -> Callable[[list[Tensor]], torch.optim.LBFGS]:
+    """DLG's optimiser for given leaves: L-BFGS, with a strong-Wolfe line search or unit steps."""
+    return functools.partial(
+        torch.optim.LBFGS,
+        lr=lr,
+        max_iter=inner_iterations,
+        history_size=history_size,
+        line_search_fn="strong_wolfe" if line_search else None,
+    )
+
+
+class _DummyBatch:
+    """One DLG trial's dummies -- inputs, and soft-label logits or fixed labels -- and L-BFGS."""
+
+    def __init__(
+        self,
+        matcher: GradientMatcher,
+        x: Tensor,
+        y_logits: Tensor | None,
+        fixed: Tensor | None,
+        lbfgs: Callable[[list[Tensor]], torch.optim.LBFGS],
+    ) -> None:
+        self.matcher = matcher
+        self.x = x.requires_grad_(True)
+        self.y_logits = y_logits.requires_grad_(True) if y_logits is not None else None
+        self.fixed = fixed
+        self.leaves = [self.x] if self.y_logits is None else [self.x, self.y_logits]
+        self.optimizer = lbfgs(self.leaves)
+        self.evaluations = 0
+        self.latest = math.inf
+
+    def targets(self) -> Tensor:
+        """The label targets: softmax of the logits (joint) or the fixed labels."""
+        targets = F.softmax(self.y_logits, dim=-1) if self.y_logits is not None else self.fixed
+        assert targets is not None
+        return targets
+
+    def closure(self) -> Tensor:
+        """The L2 matching loss at the current dummies, their gradients set by hand."""
+        self.evaluations += 1
+        self.optimizer.zero_grad()
+        loss = self.matcher.l2(self.x, self.targets())
+        for leaf, grad in zip(self.leaves, torch.autograd.grad(loss, self.leaves), strict=True):
+            leaf.grad = grad  # never .backward(): nothing outside the dummies is touched
+        self.latest = float(loss.detach())
+        return loss.detach()
+
+    def step(self) -> float:
+        """One L-BFGS step; the loss at the last evaluated point (the accepted one)."""
+        self.optimizer.step(self.closure)
+        return self.latest
+
+    def run(self, rule: _StoppingRule) -> Trial:
+        """L-BFGS steps until ``rule`` stops them; the last history entry is the final loss."""
+        history = rule.history(self.step)
+        final = float(self.matcher.l2(self.x, self.targets()).detach())
+        final = final if math.isfinite(final) else math.inf
+        if history:
+            history[-1] = final
+        guess = self.y_logits.detach().argmax(-1) if self.y_logits is not None else self.targets()
+        return Trial(
+            loss=final,
+            inputs=self.x.detach().clone(),
+            labels=guess.clone(),
+            history=history,
+            evaluations=self.evaluations,
         )
-        y_fixed = fixed
 
-        def closure(
-            x: Tensor = x,
-            leaves: list[Tensor] = leaves,
-            y_logits: Tensor | None = y_logits,
-            y_fixed: Tensor | None = y_fixed,
-            optimizer: torch.optim.Optimizer = optimizer,
-        ) -> Tensor:
-            nonlocal evaluations, latest
-            evaluations += 1
-            optimizer.zero_grad()
-            targets = F.softmax(y_logits, dim=-1) if y_logits is not None else y_fixed
-            assert targets is not None
-            loss = matcher.l2(x, targets)
-            for leaf, grad in zip(leaves, torch.autograd.grad(loss, leaves), strict=True):
-                leaf.grad = grad  # never .backward(): nothing outside the dummies is touched
-            latest = float(loss.detach())
-            return loss.detach()
 
+@dataclass(frozen=True)
+class _StoppingRule:
+    """When a trial stops: step budget, success, a non-finite loss, a stall, or time out."""
+
+    max_iterations: int
+    threshold: float
+    clock: Stopwatch
+
+    def converged(self, loss: float) -> bool:
+        """Success: the loss is below ``tol * ||g*||^2``."""
+        return loss < self.threshold
+
+    def history(self, step: Callable[[], float]) -> list[float]:
+        """The losses of the steps taken (``inf`` for a non-finite one, which ends the trial)."""
         history: list[float] = []
-        latest = math.inf
         last = math.inf
         stalled = 0
-        for _ in range(max_iterations):
-            optimizer.step(closure)
-            current = latest  # the loss at the last evaluated point (the accepted one)
+        for _ in range(self.max_iterations):
+            current = step()
             if not math.isfinite(current):
                 history.append(math.inf)
                 break
             history.append(current)
-            if current < threshold:
+            if self.converged(current):
                 break
             stalled = stalled + 1 if abs(last - current) <= 1e-12 * max(1.0, abs(last)) else 0
-            if stalled >= 3 or _out_of_time(started, max_seconds):
+            if stalled >= 3 or self.clock.expired():
                 break
             last = current
-        targets = F.softmax(y_logits, -1) if y_logits is not None else fixed
-        assert targets is not None
-        final = float(matcher.l2(x, targets).detach())
-        final = final if math.isfinite(final) else math.inf
-        if history:
-            history[-1] = final
-        trial_losses.append(final)
-        if best is None or final < best[0]:
-            guess = y_logits.detach().argmax(-1) if y_logits is not None else targets
-            best = (final, x.detach().clone(), guess.clone(), history)
-        if final < threshold or _out_of_time(started, max_seconds):
-            break
-    assert best is not None  # restarts >= 1 is validated by the caller
-    _, inputs, guess, history = best
-    if box is not None:
-        inputs = inputs.clamp(*box)
-    metadata = threat_metadata(model, labels_known=labels_known)
-    metadata.update(
-        attack="deep_leakage" if label_strategy == "joint" or labels_known else "idlg",
-        trial_losses=trial_losses,
-        evaluations=evaluations,
-        seconds=time.perf_counter() - started,
-        label_strategy="given" if labels_known else label_strategy,
-    )
-    return Reconstruction(inputs=inputs, labels=guess, history=history, metadata=metadata)
+        return history
 
 
 def _check_start(start: Tensor | None, shape: tuple[int, ...]) -> None:
@@ -255,7 +301,3 @@ def _num_outputs(model: nn.Module, matcher: GradientMatcher, shape: tuple[int, .
     with torch.no_grad():
         out = torch.func.functional_call(model, {**buffers, **params}, (torch.zeros(shape),))
     return int(out.shape[-1])
-
-
-def _out_of_time(start: float, max_seconds: float | None) -> bool:
-    return max_seconds is not None and time.perf_counter() - start > max_seconds

@@ -31,8 +31,8 @@ Example:
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +43,13 @@ from lightning_privacy.functional.attacks.common import (
     Gradients,
     LossFn,
     Reconstruction,
+    Stopwatch,
+    Trial,
+    best_of_restarts,
     bn_mode,
+    build_reconstruction,
     check_num_samples,
-    restore_labels,
-    threat_metadata,
+    given_or_restored_labels,
     total_variation,
 )
 from lightning_privacy.functional.attacks.dlg import initial_inputs
@@ -143,63 +146,98 @@ def inverting_gradients(
     num_samples = check_num_samples(num_samples)
     shape = (num_samples, *input_shape)
     matcher = GradientMatcher(model, gradients, loss_fn=loss_fn)
-    labels_known = labels is not None
-    used = (
-        labels.reshape(-1).long()
-        if labels is not None
-        else restore_labels(model, matcher.target, num_samples)
-    )
+    used = given_or_restored_labels(model, matcher.target, num_samples, labels)
     if method == "auto":
         method = "double_backward" if bn_mode(model) == "train" else "forward_mode"
     milestones = [round(max_iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
-    start = time.perf_counter()
-    best_overall: tuple[float, Tensor, list[float]] | None = None
-    trial_objectives: list[float] = []
-    iterations = 0
-    for _ in range(restarts):
-        x = initial_inputs(shape, init, box, generator).requires_grad_(True)
-        optimizer = torch.optim.Adam([x], lr=lr)
+    clock = Stopwatch(max_seconds)
+    descent = _SignedAdam(
+        matcher,
+        used,
+        method=method,
+        tv_weight=tv_weight,
+        lr=lr,
+        milestones=milestones if decay else [],
+        max_iterations=max_iterations,
+        box=box,
+        signed=signed,
+        clock=clock,
+    )
+    kept, trial_objectives, iterations = best_of_restarts(
+        lambda: descent.run(initial_inputs(shape, init, box, generator)),
+        restarts,
+        stop=lambda _: clock.expired(),
+    )
+    return build_reconstruction(
+        model,
+        inputs=kept.inputs,
+        labels=used,
+        history=kept.history,
+        labels_known=labels is not None,
+        attack="inverting_gradients",
+        trial_objectives=trial_objectives,
+        iterations=iterations,
+        method=method,
+        seconds=clock.seconds(),
+    )
+
+
+@dataclass(frozen=True)
+class _SignedAdam:
+    """One Inverting Gradients run's settings: (signed) Adam on cosine matching plus TV."""
+
+    matcher: GradientMatcher
+    labels: Tensor
+    method: str
+    tv_weight: float
+    lr: float
+    milestones: list[int]
+    max_iterations: int
+    box: tuple[float, float] | None
+    signed: bool
+    clock: Stopwatch
+
+    def objective(self, x: Tensor) -> tuple[float, Tensor]:
+        """``1 - cos(g(x), g*) + tv_weight * TV(x)`` and its input gradient."""
+        value, grad = _cosine_and_input_grad(self.matcher, x, self.labels, self.method)
+        if self.tv_weight > 0:
+            with torch.enable_grad():
+                leaf = x.detach().requires_grad_(True)
+                tv = total_variation(leaf)
+                (tv_grad,) = torch.autograd.grad(tv, leaf)
+            value += self.tv_weight * float(tv.detach())
+            grad = grad + self.tv_weight * tv_grad
+        return value, grad
+
+    def run(self, start: Tensor) -> Trial:
+        """Steps from ``start`` to the budget, a non-finite objective or time out; the best iterate.
+
+        The trial's loss is the best iterate's objective (``inf`` if none was finite).
+        """
+        x = start.requires_grad_(True)
+        optimizer = torch.optim.Adam([x], lr=self.lr)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, milestones=milestones if decay else [], gamma=0.1
+            optimizer, milestones=self.milestones, gamma=0.1
         )
         best_value, best_x = math.inf, x.detach().clone()
         history: list[float] = []
-        for _ in range(max_iterations):
-            value, grad = _cosine_and_input_grad(matcher, x.detach(), used, method)
-            if tv_weight > 0:
-                with torch.enable_grad():
-                    leaf = x.detach().requires_grad_(True)
-                    tv = total_variation(leaf)
-                    (tv_grad,) = torch.autograd.grad(tv, leaf)
-                value += tv_weight * float(tv.detach())
-                grad = grad + tv_weight * tv_grad
-            iterations += 1
+        evaluations = 0
+        for _ in range(self.max_iterations):
+            value, grad = self.objective(x.detach())
+            evaluations += 1
             if not math.isfinite(value):
                 break
             history.append(value)
             if value < best_value:
                 best_value, best_x = value, x.detach().clone()
-            x.grad = grad.sign() if signed else grad
+            x.grad = grad.sign() if self.signed else grad
             optimizer.step()
             scheduler.step()
-            if box is not None:
+            if self.box is not None:
                 with torch.no_grad():
-                    x.clamp_(*box)
-            if max_seconds is not None and time.perf_counter() - start > max_seconds:
+                    x.clamp_(*self.box)
+            if self.clock.expired():
                 break
-        trial_objectives.append(best_value)
-        if best_overall is None or best_value < best_overall[0]:
-            best_overall = (best_value, best_x, history)
-        if max_seconds is not None and time.perf_counter() - start > max_seconds:
-            break
-    assert best_overall is not None
-    _, inputs, history = best_overall
-    metadata = threat_metadata(model, labels_known=labels_known)
-    metadata.update(
-        attack="inverting_gradients",
-        trial_objectives=trial_objectives,
-        iterations=iterations,
-        method=method,
-        seconds=time.perf_counter() - start,
-    )
-    return Reconstruction(inputs=inputs, labels=used, history=history, metadata=metadata)
+        return Trial(
+            loss=best_value, inputs=best_x, labels=None, history=history, evaluations=evaluations
+        )
