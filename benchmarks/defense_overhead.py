@@ -221,15 +221,22 @@ def ddp_worker(out, batch_size, rounds, steps):
 
 
 class TimedDefense(GradientDefense):
-    """Adds up the time spent inside the communication hook (the hook stays a bound method)."""
+    """Adds up the time spent inside the communication hook (wraps the local placement)."""
 
     hook_time = 0.0
 
-    def _comm_hook(self, state, bucket):
-        t0 = time.perf_counter()
-        future = super()._comm_hook(state, bucket)
-        self.hook_time += time.perf_counter() - t0
-        return future
+    def setup(self, trainer, pl_module, stage):
+        super().setup(trainer, pl_module, stage)
+        placement = self._placement
+        defend = placement.defend_bucket
+
+        def timed(bucket):
+            t0 = time.perf_counter()
+            future = defend(bucket)
+            self.hook_time += time.perf_counter() - t0
+            return future
+
+        placement.defend_bucket = timed
 
 
 class StepTimer(L.Callback):

@@ -72,6 +72,8 @@ class GradientTransform(ABC):
             deterministic.
         strength: The name of the setting a sweep varies (``"std"``, ``"ratio"``, ...); a
             ``defenses:`` entry's ``strengths`` are values of it.
+        sparsifies: Whether the transform sets entries to zero (pruning); ``GradientDefense``
+            then logs the share of zeros.
     """
 
     provides_formal_dp: ClassVar[bool] = False
@@ -79,6 +81,7 @@ class GradientTransform(ABC):
     needs_global_view: ClassVar[bool] = False
     uses_randomness: ClassVar[bool] = True
     strength: ClassVar[str]
+    sparsifies: ClassVar[bool] = False
 
     def mechanism(self) -> FormalMechanism | None:
         """This transform's Gaussian mechanism when :attr:`provides_formal_dp` (else ``None``)."""

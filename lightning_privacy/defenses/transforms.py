@@ -159,6 +159,7 @@ class MagnitudePruning(GradientTransform):
     ratio: float
     scope: str = "per_tensor"
     strength: ClassVar[str] = "ratio"
+    sparsifies: ClassVar[bool] = True
     uses_randomness: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
@@ -193,6 +194,7 @@ class RandomPruning(GradientTransform):
 
     ratio: float
     strength: ClassVar[str] = "ratio"
+    sparsifies: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         ratio = check_float("ratio", self.ratio, low=0.0, high=1.0, high_open=True)

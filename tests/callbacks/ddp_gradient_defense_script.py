@@ -63,15 +63,22 @@ class Net(L.LightningModule):
 
 
 class CountingDefense(GradientDefense):
-    """Counts communication-hook calls per bucket index (the hook stays a bound method)."""
+    """Counts communication-hook calls per bucket index (wraps the local placement's defence)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.hook_calls: list[int] = []
 
-    def _comm_hook(self, state, bucket):
-        self.hook_calls.append(bucket.index())
-        return super()._comm_hook(state, bucket)
+    def setup(self, trainer, pl_module, stage):
+        super().setup(trainer, pl_module, stage)
+        placement = self._placement
+        defend = placement.defend_bucket
+
+        def counted(bucket):
+            self.hook_calls.append(bucket.index())
+            return defend(bucket)
+
+        placement.defend_bucket = counted
 
 
 class Probe(L.Callback):

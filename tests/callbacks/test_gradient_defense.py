@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import warnings
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_privacy.callbacks import GradientDefense
-from lightning_privacy.callbacks.gradient_defense import derive_seed
+from lightning_privacy.callbacks._noise_ahead import NoiseAhead
 from lightning_privacy.defenses import (
     GaussianNoise,
     GradientClipping,
@@ -28,6 +29,7 @@ from lightning_privacy.defenses import (
     apply_transforms,
 )
 from lightning_privacy.functional import global_norm, parameter_gradients
+from lightning_privacy.functional.seeding import derive_seed
 
 
 class Tiny(L.LightningModule):
@@ -419,33 +421,99 @@ def test_ddp_placements_mean_single_in_one_process(fast_trainer_kwargs, placemen
 NOISY = [GradientClipping(max_norm=0.5), GaussianNoise(std=0.1), LaplaceNoise(scale=0.05)]
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_noise_drawn_ahead_is_bitwise_the_noise_drawn_in_the_hook(fast_trainer_kwargs, accumulate):
-    ahead = GradientDefense(NOISY, seed=3)
-    used = []
-    take = ahead._ahead.take
+def _noise_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("lp-noise-ahead")]
 
-    def spy(key):
-        noise = take(key)
+
+@pytest.fixture
+def noise_takes(monkeypatch):
+    """Whether each optimizer step found its noise drawn ahead (spies on NoiseAhead.take)."""
+    used = []
+    take = NoiseAhead.take
+
+    def spy(self, key):
+        noise = take(self, key)
         used.append(noise is not None)
         return noise
 
-    ahead._ahead.take = spy
+    monkeypatch.setattr(NoiseAhead, "take", spy)
+    return used
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_noise_drawn_ahead_is_bitwise_the_noise_drawn_in_the_hook(
+    fast_trainer_kwargs, accumulate, noise_takes
+):
+    ahead = GradientDefense(NOISY, seed=3)
     steps = dict(max_steps=3, accumulate_grad_batches=accumulate)
     _, early = fit(fast_trainer_kwargs, [ahead], **steps)
+    assert noise_takes == [True, True, True]  # every step used the draw made in the background
     in_hook = GradientDefense(NOISY, seed=3, draw_noise_ahead=False)
     _, late = fit(fast_trainer_kwargs, [in_hook], **steps)
-    assert used == [True, True, True]  # every step used the draw made in the background
-    assert ahead._ahead._pool is None and in_hook._ahead._pool is None  # thread stopped
+    assert noise_takes[3:] == [False, False, False]
+    assert _noise_threads() == []  # thread stopped
     for (n, a), b in zip(params(early).items(), params(late).values(), strict=True):
         assert torch.equal(a, b), n
     _, other_seed = fit(fast_trainer_kwargs, [GradientDefense(NOISY, seed=4)], **steps)
     assert not torch.equal(params(early)["net.0.weight"], params(other_seed)["net.0.weight"])
 
 
-def test_noise_is_drawn_in_the_hook_where_it_cannot_be_drawn_ahead(fast_trainer_kwargs):
+def test_noise_is_drawn_in_the_hook_where_it_cannot_be_drawn_ahead(
+    fast_trainer_kwargs, noise_takes
+):
     random_mask = GradientDefense([GaussianNoise(std=0.1), RandomPruning(ratio=0.5)])
     fit(fast_trainer_kwargs, [random_mask])
-    assert random_mask._ahead_params == [] and random_mask._ahead._pool is None
+    assert noise_takes and not any(noise_takes) and _noise_threads() == []
     with pytest.raises(TypeError, match="draw_noise_ahead"):
         GradientDefense(GaussianNoise(std=0.1), draw_noise_ahead=1)
+
+
+class SelfClippedGaussian(GradientTransform):
+    """A user's transform that is a Gaussian mechanism alone (clips and noises itself)."""
+
+    provides_formal_dp = True
+
+    def __init__(self, max_norm, std):
+        self.max_norm, self.std = max_norm, std
+
+    def mechanism(self):
+        from lightning_privacy.defenses import FormalMechanism
+
+        return FormalMechanism(self.max_norm, self.std)
+
+    def __call__(self, gradients, *, generator=None):
+        clipped = GradientClipping(max_norm=self.max_norm)(gradients)
+        return GaussianNoise(std=self.std)(clipped, generator=generator)
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "formal"),
+    [
+        ([GradientClipping(max_norm=1.0), GaussianNoise(std=4.0)], (1.0, 4.0)),
+        # pruning after the noise is post-processing; before the clipping it cannot raise the bound
+        (
+            [GradientClipping(max_norm=1.0), GaussianNoise(std=4.0), MagnitudePruning(ratio=0.5)],
+            (1.0, 4.0),
+        ),
+        (
+            [RandomPruning(ratio=0.5), GradientClipping(max_norm=1.0), GaussianNoise(std=4.0)],
+            (1.0, 4.0),
+        ),
+        ([SelfClippedGaussian(1.0, 4.0)], (1.0, 4.0)),
+        # noise before clipping, pruning between clipping and noise, zero noise: no mechanism
+        ([GaussianNoise(std=4.0), GradientClipping(max_norm=1.0)], None),
+        (
+            [GradientClipping(max_norm=1.0), MagnitudePruning(ratio=0.5), GaussianNoise(std=4.0)],
+            None,
+        ),
+        ([GradientClipping(max_norm=1.0), GaussianNoise(std=0.0)], None),
+        ([GradientClipping(max_norm=1.0), LaplaceNoise(scale=4.0)], None),
+    ],
+)
+def test_formal_pipeline_is_recognised_from_metadata(fast_trainer_kwargs, pipeline, formal):
+    defense = GradientDefense(pipeline, seed=0)
+    assert defense.formal == formal
+    trainer, _ = fit(
+        {**fast_trainer_kwargs, "limit_train_batches": 2}, [defense], max_steps=-1, max_epochs=1
+    )
+    assert ("privacy/epsilon" in trainer.callback_metrics) == (formal is not None)
