@@ -17,8 +17,10 @@ input is small enough (``d_x <= dense_limit``), the input-space Gram matrix ``J 
 (``d_x x d_x``, small) is assembled once from ``d_x`` batched products and factorised once, and
 every δ draw, the Gaussian expectation and the lower bound reuse that factorisation (for small
 models the rows of ``J`` are held transiently while the Gram matrix is formed; see
-:meth:`LeakageOperator.gram`). Above the limit, conjugate gradients (matrix-free) solve each δ
-and Lanczos gives ``λ_max``.
+:meth:`LeakageOperator.gram`). Above the limit, conjugate gradients (matrix-free) solve each δ,
+Hutchinson probes estimate the traces and Lanczos gives ``λ_max``. Both paths answer the same
+:class:`GramSolver` questions (solves, ``tr((J Jᵀ)⁻¹)``, ``tr(J Jᵀ)``, ``λ_max``);
+:func:`gram_solver` picks one per example.
 
 Honest use: the lower bound tracks the *size* of δ, not which images leak; at a fixed noise scale
 it ranks images no better than ``‖δ‖`` alone, and it sits orders of magnitude below the exact value
@@ -43,9 +45,10 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -59,14 +62,19 @@ Delta = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 
 __all__ = [
     "CGResult",
+    "DenseGramSolver",
     "GramFactorization",
+    "GramSolution",
+    "GramSolver",
     "I2FResult",
     "LanczosResult",
     "LeakageOperator",
     "LowerBoundResult",
+    "MatrixFreeGramSolver",
     "conjugate_gradient",
     "expected_gaussian_i2f",
     "gram_of_rows",
+    "gram_solver",
     "hutchinson_trace_inverse",
     "i2f",
     "i2f_from_operator",
@@ -74,6 +82,18 @@ __all__ = [
     "lanczos_lambda_max",
     "predicted_psnr",
 ]
+
+
+def _check_differentiable_inputs(inputs: Any) -> None:
+    if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
+        dtype = inputs.dtype if isinstance(inputs, Tensor) else type(inputs).__name__
+        raise TypeError(
+            "Expected `inputs` to be a floating-point tensor the loss is differentiable in, "
+            f"but got {dtype}. I2F differentiates the parameter gradient w.r.t. the inputs; "
+            "integer token ids have no gradient: pass the embeddings instead (compute "
+            "`embeddings = model.embed(tokens)` and estimate on a model that starts after "
+            "the embedding layer)."
+        )
 
 
 class LeakageOperator:
@@ -118,19 +138,11 @@ class LeakageOperator:
         layers: str | Sequence[str] | None = None,
         chunk_size: int | None = None,
     ) -> None:
-        if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
-            dtype = inputs.dtype if isinstance(inputs, Tensor) else type(inputs).__name__
-            raise TypeError(
-                "Expected `inputs` to be a floating-point tensor the loss is differentiable in, "
-                f"but got {dtype}. I2F differentiates the parameter gradient w.r.t. the inputs; "
-                "integer token ids have no gradient: pass the embeddings instead (compute "
-                "`embeddings = model.embed(tokens)` and estimate on a model that starts after "
-                "the embedding layer)."
-            )
+        _check_differentiable_inputs(inputs)
         selected = select_parameters(model, layers)
         if not selected:
             raise ValueError("Expected the model to have trainable parameters, but it has none.")
-        if chunk_size is None:
+        if chunk_size is None:  # about 64 MB of parameter-sized vectors per vmap call
             chunk_size = max(
                 1, min(256, 2**24 // max(1, sum(p.numel() for p in selected.values())))
             )
@@ -142,6 +154,18 @@ class LeakageOperator:
         self.input_dim = inputs.numel()
         self.param_dim = sum(self.numels)
         self.dtype = inputs.dtype
+        self._build_products(model, inputs, targets, loss_fn, selected)
+        self._check_differentiable_path()
+
+    def _build_products(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        loss_fn: LossFn,
+        selected: Mapping[str, Tensor],
+    ) -> None:
+        """Build the two gradient graphs once: ``J δ``, ``Jᵀ v`` and the gradient ``g``."""
         params = {n: p.detach() for n, p in selected.items()}
         fixed = {n: p.detach() for n, p in model.named_parameters() if n not in selected}
         buffers = {n: b.clone() for n, b in model.named_buffers()}
@@ -162,12 +186,13 @@ class LeakageOperator:
             forward = vjp(flat_param_grad, x0)  # δ (d_θ) -> J δ (input shape)
             backward = vjp(input_grad, params)  # v (d_x) -> Jᵀ v (dict)
         self._j, self._jt = forward[1], backward[1]
-        self.gradient = forward[0]
-        self.gradient = self.gradient.detach()
+        self.gradient = forward[0].detach()
+
+    def _check_differentiable_path(self) -> None:
         probe = torch.randn(
             self.input_dim, generator=torch.Generator().manual_seed(0), dtype=self.dtype
         )
-        if not bool(self.jt(probe.to(x0.device)).abs().sum() > 0):
+        if not bool(self.jt(probe.to(self.gradient.device)).abs().sum() > 0):
             raise ValueError(
                 "Expected a differentiable path from the inputs to the parameter gradient, but "
                 "∇_x ∇_θ L is zero (the inputs are detached, discretised, or used only through an "
@@ -224,6 +249,17 @@ class LeakageOperator:
         if isinstance(delta, Tensor) and delta.dim() == 2:
             return self._batched(lambda v: self._j(v)[0], flat).reshape(-1, *self.input_shape)
         return self._j(flat[0])[0]
+
+    def jdelta_rows(self, delta: Delta) -> Tensor:
+        """``J δ`` as float64 rows ``(k, d_x)``, one per draw (``k = 1`` for a single δ).
+
+        Example:
+            >>> op = LeakageOperator(torch.nn.Linear(3, 2), torch.randn(1, 3), torch.tensor([1]))
+            >>> op.jdelta_rows(torch.zeros(4, op.param_dim)).shape
+            torch.Size([4, 3])
+        """
+        batched = isinstance(delta, Tensor) and delta.dim() == 2
+        return self.jvp(delta).reshape(-1 if batched else 1, self.input_dim).to(torch.float64)
 
     def jt(self, v: Tensor) -> Tensor:
         """``Jᵀ v`` as a flat ``(d_θ,)`` tensor for ``v`` of ``d_x`` entries."""
@@ -364,6 +400,10 @@ class LanczosResult:
         iterations: Lanczos steps taken (one operator product each).
         converged: Whether the Ritz residual fell below ``tol * value``.
         residual: The final Ritz residual ``‖A q - θ q‖``.
+
+    Example:
+        >>> lanczos_lambda_max(lambda v: 3 * v, 4).value
+        3.0
     """
 
     value: float
@@ -441,6 +481,10 @@ class CGResult:
         iterations: Iterations taken.
         converged: Whether ``‖r‖ <= tol ‖b‖``.
         relative_residual: Final ``‖r‖ / ‖b‖``.
+
+    Example:
+        >>> conjugate_gradient(lambda v: 2 * v, torch.ones(3, dtype=torch.float64)).solution
+        tensor([0.5000, 0.5000, 0.5000], dtype=torch.float64)
     """
 
     solution: Tensor
@@ -608,6 +652,262 @@ class GramFactorization:
 
 
 @dataclass(frozen=True)
+class GramSolution:
+    """Solutions of ``(J Jᵀ + λ I) x = b`` for ``k`` right-hand sides.
+
+    Attributes:
+        solution: ``(k, d_x)`` float64, one solution per row of ``b``.
+        iterations: CG iterations per row (empty for a dense solve).
+        converged: Whether every CG solve reached its tolerance (``True`` for a dense solve).
+
+    Example:
+        >>> GramSolution(torch.zeros(1, 3)).converged
+        True
+    """
+
+    solution: Tensor
+    iterations: tuple[int, ...] = ()
+    converged: bool = True
+
+
+class GramSolver(ABC):
+    """``J Jᵀ + λ I`` of one example, behind one interface whether it is assembled or not.
+
+    An estimator is written once against the four quantities it needs; :func:`gram_solver` picks
+    :class:`DenseGramSolver` (assemble and factorise ``J Jᵀ``) or :class:`MatrixFreeGramSolver`
+    (conjugate gradients, Hutchinson probes and Lanczos on ``v -> J Jᵀ v``) per example.
+
+    Attributes:
+        method: ``"dense"`` or ``"cg"``.
+        damping: ``λ >= 0``.
+
+    Example:
+        >>> op = LeakageOperator(torch.nn.Linear(3, 2), torch.randn(1, 3), torch.tensor([1]))
+        >>> solver = gram_solver(op, method="dense")
+        >>> isinstance(solver, GramSolver), solver.method
+        (True, 'dense')
+    """
+
+    method: ClassVar[str]
+    damping: float
+
+    @abstractmethod
+    def solve(self, rows: Tensor) -> GramSolution:
+        """``(J Jᵀ + λ I)⁻¹ b`` for every row ``b`` of a ``(k, d_x)`` tensor."""
+
+    def solve_norms(self, rows: Tensor) -> Tensor:
+        """``‖(J Jᵀ + λ I)⁻¹ b‖`` per row: the I2F of the draws whose ``J δ`` the rows hold.
+
+        Example:
+            >>> f = GramFactorization(torch.diag(torch.tensor([4.0, 1.0], dtype=torch.float64)))
+            >>> DenseGramSolver(f).solve_norms(torch.tensor([[4.0, 0.0], [0.0, 2.0]]))
+            tensor([1., 2.], dtype=torch.float64)
+        """
+        return self.solve(rows).solution.norm(dim=-1)
+
+    @abstractmethod
+    def trace_inverse(self) -> float:
+        """``Σ λ_i / (λ_i + λ)²`` (``tr((J Jᵀ)⁻¹)`` undamped): ``E I2F²`` of unit Gaussian δ."""
+
+    @abstractmethod
+    def trace(self) -> float:
+        """``tr(J Jᵀ) = ‖J‖_F² = E ‖J z‖²`` for ``z ~ N(0, I)``."""
+
+    @abstractmethod
+    def lanczos(self) -> LanczosResult:
+        """``λ_max(J Jᵀ)`` by Lanczos, with its iterations and convergence."""
+
+
+@dataclass(frozen=True)
+class DenseGramSolver(GramSolver):
+    """Every quantity from one factorisation of the assembled ``J Jᵀ`` (exact and cheap per δ).
+
+    Args:
+        factorization: The factorised ``J Jᵀ`` (see :meth:`assemble`).
+        damping: ``λ >= 0``.
+        lanczos_seed: Seed of the Lanczos start vector.
+
+    Example:
+        >>> f = GramFactorization(torch.diag(torch.tensor([4.0, 1.0], dtype=torch.float64)))
+        >>> solver = DenseGramSolver(f)
+        >>> solver.trace_inverse(), solver.trace(), round(solver.lanczos().value, 6)
+        (1.25, 5.0, 4.0)
+    """
+
+    method: ClassVar[str] = "dense"
+    factorization: GramFactorization
+    damping: float = 0.0
+    lanczos_seed: int = 0
+
+    @classmethod
+    def assemble(
+        cls, op: LeakageOperator, *, damping: float = 0.0, lanczos_seed: int = 0
+    ) -> DenseGramSolver:
+        """Assemble ``J Jᵀ`` of ``op`` (``d_x`` batched products) and factorise it once.
+
+        Damped, the eigendecomposition is taken at once (the Cholesky factor would go unused).
+
+        Example:
+            >>> op = LeakageOperator(torch.nn.Linear(3, 2), torch.randn(1, 3), torch.tensor([1]))
+            >>> DenseGramSolver.assemble(op).factorization.dim
+            3
+        """
+        return cls(GramFactorization(op.gram(), spectrum=damping > 0), damping, lanczos_seed)
+
+    def solve(self, rows: Tensor) -> GramSolution:
+        """Solve every row with the factorisation."""
+        return GramSolution(self.factorization.solve(rows, self.damping))
+
+    def trace_inverse(self) -> float:
+        """Exact, from the factorisation."""
+        return self.factorization.trace_inverse(self.damping)
+
+    def trace(self) -> float:
+        """Exact: the diagonal of ``J Jᵀ``."""
+        return float(torch.trace(self.factorization.gram))
+
+    def lanczos(self) -> LanczosResult:
+        """Lanczos on the dense matrix (``d_x x d_x`` products)."""
+        gram = self.factorization.gram
+        generator = torch.Generator(device=gram.device).manual_seed(self.lanczos_seed)
+        return self.factorization.lanczos(generator=generator)
+
+
+@dataclass(frozen=True)
+class MatrixFreeGramSolver(GramSolver):
+    """Every quantity from products ``v -> J Jᵀ v``, for inputs too large to assemble ``J Jᵀ``.
+
+    Solves by conjugate gradients from zero, both traces by Hutchinson's estimator with
+    ``num_probes`` Rademacher probes drawn from ``generator``, ``λ_max`` by Lanczos.
+
+    Args:
+        operator: The example's :class:`LeakageOperator`.
+        damping: ``λ >= 0``.
+        lanczos_seed: Seed of the Lanczos start vector.
+        num_probes: Probes per trace estimate.
+        generator: Source of the probes.
+        tol: CG relative residual tolerance.
+        max_iterations: CG iteration cap (default ``4 d_x``).
+
+    Example:
+        >>> op = LeakageOperator(torch.nn.Linear(3, 2), torch.randn(1, 3), torch.tensor([1]))
+        >>> dense, free = gram_solver(op, method="dense"), gram_solver(op, method="cg")
+        >>> abs(free.lanczos().value / dense.lanczos().value - 1) < 1e-5
+        True
+    """
+
+    method: ClassVar[str] = "cg"
+    operator: LeakageOperator
+    damping: float = 0.0
+    lanczos_seed: int = 0
+    num_probes: int = 16
+    generator: torch.Generator | None = None
+    tol: float = 1e-6
+    max_iterations: int | None = None
+
+    def _gram_matvec(self, v: Tensor) -> Tensor:
+        return self.operator.gram_matvec(v).to(torch.float64)
+
+    def solve(self, rows: Tensor) -> GramSolution:
+        """Conjugate gradients per row; warns when one stops before ``tol``."""
+        runs = [
+            conjugate_gradient(
+                self._gram_matvec,
+                b,
+                damping=self.damping,
+                tol=self.tol,
+                max_iterations=self.max_iterations,
+            )
+            for b in rows
+        ]
+        iterations = tuple(r.iterations for r in runs)
+        converged = all(r.converged for r in runs)
+        if not converged:
+            warnings.warn(
+                f"Conjugate gradients stopped before tol={self.tol} (iterations {iterations}); "
+                "the I2F is approximate. Raise `max_iterations` or use method='dense'.",
+                stacklevel=3,
+            )
+        return GramSolution(torch.stack([r.solution for r in runs]), iterations, converged)
+
+    def trace_inverse(self) -> float:
+        """Hutchinson's estimate (:func:`hutchinson_trace_inverse`)."""
+        return hutchinson_trace_inverse(
+            self.operator,
+            num_probes=self.num_probes,
+            damping=self.damping,
+            tol=self.tol,
+            max_iterations=self.max_iterations,
+            generator=self.generator,
+        )
+
+    def trace(self) -> float:
+        """Hutchinson's estimate: the mean of ``zᵀ J Jᵀ z`` over the probes."""
+        probes = _rademacher_probes(self.num_probes, self.operator, self.generator)
+        return sum(float(z @ self._gram_matvec(z)) for z in probes) / len(probes)
+
+    def lanczos(self) -> LanczosResult:
+        """Lanczos on ``v -> J Jᵀ v`` (never assembles ``J Jᵀ``)."""
+        device = self.operator.gradient.device
+        return lanczos_lambda_max(
+            self._gram_matvec,
+            self.operator.input_dim,
+            generator=torch.Generator(device=device).manual_seed(self.lanczos_seed),
+            device=device,
+        )
+
+
+def gram_solver(
+    op: LeakageOperator,
+    *,
+    method: str = "auto",
+    dense_limit: int = 4096,
+    damping: float = 0.0,
+    lanczos_seed: int = 0,
+    num_probes: int = 16,
+    generator: torch.Generator | None = None,
+    tol: float = 1e-6,
+    max_iterations: int | None = None,
+) -> GramSolver:
+    """The Gram solver for ``op``: dense when ``method="dense"`` or ``"auto"`` and small inputs.
+
+    Args:
+        op: The example's operator.
+        method: ``"dense"`` (assemble and factorise ``J Jᵀ``), ``"cg"`` (matrix-free) or
+            ``"auto"`` (dense when ``d_x <= dense_limit``).
+        dense_limit: Largest input dimension for the dense path under ``"auto"``.
+        damping: ``λ >= 0``.
+        lanczos_seed: Seed of the Lanczos start vector.
+        num_probes: Hutchinson probes per trace (matrix-free only).
+        generator: Source of the probes (matrix-free only).
+        tol: CG relative residual tolerance (matrix-free only).
+        max_iterations: CG iteration cap (matrix-free only).
+
+    Raises:
+        ValueError: For an unknown ``method``.
+
+    Example:
+        >>> op = LeakageOperator(torch.nn.Linear(3, 2), torch.randn(1, 3), torch.tensor([1]))
+        >>> gram_solver(op).method, gram_solver(op, dense_limit=2).method
+        ('dense', 'cg')
+    """
+    if _method(op, method, dense_limit) == "dense":
+        return DenseGramSolver.assemble(op, damping=damping, lanczos_seed=lanczos_seed)
+    return MatrixFreeGramSolver(
+        op, damping, lanczos_seed, num_probes, generator, tol=tol, max_iterations=max_iterations
+    )
+
+
+def _rademacher_probes(
+    num_probes: int, op: LeakageOperator, generator: torch.Generator | None
+) -> Tensor:
+    """``(num_probes, d_x)`` float64 ±1 entries, drawn on the generator's device (CPU if none)."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    z = torch.randint(0, 2, (num_probes, op.input_dim), generator=generator, device=device)
+    return (z.to(torch.float64) * 2 - 1).to(op.gradient.device)
+
+
+@dataclass(frozen=True)
 class I2FResult:
     """I2F values for ``k`` draws of δ on one batch.
 
@@ -619,6 +919,12 @@ class I2FResult:
         method: ``"dense"`` (factorised ``J Jᵀ``) or ``"cg"`` (matrix-free conjugate gradients).
         iterations: CG iterations per draw (empty for ``"dense"``).
         converged: Whether every CG solve converged (``True`` for ``"dense"``).
+
+    Example:
+        >>> op = LeakageOperator(torch.nn.Linear(3, 2), torch.randn(1, 3), torch.tensor([1]))
+        >>> res = i2f_from_operator(op, torch.zeros(2, op.param_dim))
+        >>> res.value, res.per_sample.shape, res.method
+        (tensor([0., 0.], dtype=torch.float64), torch.Size([2, 1]), 'dense')
     """
 
     value: Tensor
@@ -628,12 +934,6 @@ class I2FResult:
     method: str
     iterations: tuple[int, ...] = ()
     converged: bool = True
-
-
-def _jdelta_rows(op: LeakageOperator, delta: Delta) -> Tensor:
-    out = op.jvp(delta)
-    batched = isinstance(delta, Tensor) and delta.dim() == 2
-    return out.reshape(-1 if batched else 1, op.input_dim).to(torch.float64)
 
 
 def _method(op: LeakageOperator, method: str, dense_limit: int) -> str:
@@ -668,43 +968,29 @@ def i2f_from_operator(
         torch.Size([5])
     """
     damping = check_float("damping", damping, low=0.0)
-    rows = _jdelta_rows(op, delta)
+    rows = op.jdelta_rows(delta)
+    solver = (
+        DenseGramSolver(factorization, damping)
+        if factorization is not None
+        else gram_solver(
+            op,
+            method=method,
+            dense_limit=dense_limit,
+            damping=damping,
+            tol=tol,
+            max_iterations=max_iterations,
+        )
+    )
+    solved = solver.solve(rows)
     batch = op.input_shape[0] if len(op.input_shape) > 1 else 1
-    if factorization is not None or _method(op, method, dense_limit) == "dense":
-        fact = factorization if factorization is not None else GramFactorization(op.gram())
-        sol = fact.solve(rows, damping)
-        iterations: tuple[int, ...] = ()
-        converged = True
-        used = "dense"
-    else:
-        sols, its, oks = [], [], []
-        for b in rows:
-            res = conjugate_gradient(
-                lambda v: op.gram_matvec(v).to(torch.float64),
-                b,
-                damping=damping,
-                tol=tol,
-                max_iterations=max_iterations,
-            )
-            sols.append(res.solution)
-            its.append(res.iterations)
-            oks.append(res.converged)
-        sol, iterations, converged, used = torch.stack(sols), tuple(its), all(oks), "cg"
-        if not converged:
-            warnings.warn(
-                f"Conjugate gradients stopped before tol={tol} (iterations {iterations}); the "
-                "I2F is approximate. Raise `max_iterations` or use method='dense'.",
-                stacklevel=2,
-            )
-    per_sample = sol.reshape(len(rows), batch, -1).norm(dim=-1)
     return I2FResult(
-        value=sol.norm(dim=-1),
-        per_sample=per_sample,
+        value=solved.solution.norm(dim=-1),
+        per_sample=solved.solution.reshape(len(rows), batch, -1).norm(dim=-1),
         jdelta_norm=rows.norm(dim=-1),
         damping=damping,
-        method=used,
-        iterations=iterations,
-        converged=converged,
+        method=solver.method,
+        iterations=solved.iterations,
+        converged=solved.converged,
     )
 
 
@@ -780,6 +1066,12 @@ class LowerBoundResult:
         jdelta_norm: ``(k,)`` ``‖J δ‖``.
         lambda_max: ``λ_max(J Jᵀ)``.
         lanczos: Iterations, convergence and residual of the Lanczos run.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 2)
+        >>> res = i2f_lower_bound(model, torch.randn(1, 3), torch.tensor([1]), torch.zeros(8))
+        >>> float(res.value[0]), res.lambda_max == res.lanczos.value
+        (0.0, True)
     """
 
     value: Tensor
@@ -825,7 +1117,7 @@ def i2f_lower_bound(
         (True, True)
     """
     op = LeakageOperator(model, inputs, targets, loss_fn=loss_fn, layers=layers)
-    rows = _jdelta_rows(op, delta)
+    rows = op.jdelta_rows(delta)
     lanczos = lanczos_lambda_max(
         lambda v: op.gram_matvec(v).to(torch.float64),
         op.input_dim,
@@ -883,11 +1175,10 @@ def hutchinson_trace_inverse(
     check_int("num_probes", num_probes, low=1)
     damping = check_float("damping", damping, low=0.0)
     total = 0.0
-    for _ in range(num_probes):
-        z = torch.randint(0, 2, (op.input_dim,), generator=generator, dtype=torch.float64) * 2 - 1
+    for z in _rademacher_probes(num_probes, op, generator):
         w = conjugate_gradient(
             lambda v: op.gram_matvec(v).to(torch.float64),
-            z.to(op.gradient.device),
+            z,
             damping=damping,
             tol=tol,
             max_iterations=max_iterations,

@@ -5,11 +5,15 @@ import torch
 from torch import nn
 
 from lightning_privacy.functional.leakage import (
+    DenseGramSolver,
     GramFactorization,
     LeakageOperator,
+    MatrixFreeGramSolver,
     conjugate_gradient,
     expected_gaussian_i2f,
     gram_of_rows,
+    gram_solver,
+    hutchinson_trace_inverse,
     i2f,
     i2f_from_operator,
     i2f_lower_bound,
@@ -250,3 +254,56 @@ def test_predicted_psnr():
     assert float(predicted_psnr(1.0, 100, data_range=2.0)) == pytest.approx(26.0206, abs=1e-4)
     with pytest.raises(ValueError):
         predicted_psnr(1.0, 0)
+
+
+def test_gram_solvers_give_the_same_quantities(setup):
+    model, x, y, J, delta = setup
+    op = LeakageOperator(model, x, y)
+    gram = J @ J.T
+    assert gram_solver(op).method == "dense" and gram_solver(op, dense_limit=63).method == "cg"
+    dense = gram_solver(op, method="dense", lanczos_seed=3)
+    free = gram_solver(op, method="cg", lanczos_seed=3, tol=1e-12, max_iterations=2000)
+    assert isinstance(dense, DenseGramSolver) and isinstance(free, MatrixFreeGramSolver)
+    rows = op.jdelta_rows(torch.stack([delta, -2 * delta]))
+    assert rows.shape == (2, 64) and rows.dtype == torch.float64
+    assert op.jdelta_rows(delta).shape == (1, 64)
+    ref = torch.linalg.solve(gram, rows.T).T.norm(dim=-1)
+    assert rel(dense.solve_norms(rows), ref) < 1e-6 and rel(free.solve_norms(rows), ref) < 1e-4
+    solved = free.solve(rows)
+    assert solved.converged and len(solved.iterations) == 2
+    assert dense.solve(rows).iterations == () and dense.solve(rows).converged
+    lam = float(torch.linalg.eigvalsh(gram)[-1])
+    assert abs(dense.lanczos().value - lam) / lam < 1e-8
+    assert abs(free.lanczos().value - lam) / lam < 1e-6
+    assert dense.trace() == pytest.approx(float(torch.trace(gram)), rel=1e-10)
+    assert dense.trace_inverse() == pytest.approx(
+        float(torch.trace(torch.linalg.inv(gram))), rel=1e-6
+    )
+    # the matrix-free traces are Hutchinson estimates on the solver's generator
+    probes = gram_solver(
+        op, method="cg", num_probes=400, generator=torch.Generator().manual_seed(0)
+    )
+    assert 0.8 < probes.trace() / dense.trace() < 1.2
+    same = gram_solver(op, method="cg", num_probes=3, generator=torch.Generator().manual_seed(1))
+    assert same.trace_inverse() == hutchinson_trace_inverse(
+        op, num_probes=3, generator=torch.Generator().manual_seed(1)
+    )
+    # damped: the eigendecomposition at once, the same solves as a later one
+    damped = DenseGramSolver.assemble(op, damping=1e-3)
+    assert damped.factorization.eigenvalues is not None
+    lazy = DenseGramSolver(GramFactorization(op.gram()), damping=1e-3)
+    assert torch.equal(damped.solve_norms(rows), lazy.solve_norms(rows))
+    with pytest.raises(ValueError, match="method"):
+        gram_solver(op, method="svd")
+
+
+def test_matrix_free_solver_warns_when_cg_stops_early(setup):
+    model, x, y, _J, delta = setup
+    op = LeakageOperator(model, x, y)
+    capped = MatrixFreeGramSolver(op, max_iterations=2)
+    with pytest.warns(UserWarning, match="Conjugate gradients stopped before tol"):
+        solved = capped.solve(op.jdelta_rows(delta))
+    assert not solved.converged and solved.iterations == (2,)
+    with pytest.warns(UserWarning, match="Conjugate gradients stopped before tol"):
+        res = i2f(model, x, y, delta, method="cg", max_iterations=2)
+    assert res.method == "cg" and not res.converged and res.iterations == (2,)
