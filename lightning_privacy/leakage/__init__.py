@@ -1,7 +1,9 @@
 """I2F leakage estimates (Zhang et al., NeurIPS 2023): how well a perfect attacker inverts.
 
 Layer 2 over :mod:`lightning_privacy.functional.leakage`: δ from any defense pipeline, per-sample
-and per-class estimates, the Gaussian expectation and noise calibration by predicted PSNR.
+and per-class estimates by registered estimators (:data:`ESTIMATORS`: ``base`` holds their
+interface, ``estimators`` the built-in ones and :func:`estimate_leakage`), the Gaussian expectation
+and noise calibration by predicted PSNR (``calibration``).
 
 Example:
     >>> import torch
@@ -15,6 +17,7 @@ Example:
 
 from lightning_privacy.functional.leakage import (
     GramFactorization,
+    GramSolver,
     I2FResult,
     LeakageOperator,
     LowerBoundResult,
@@ -23,13 +26,23 @@ from lightning_privacy.functional.leakage import (
     i2f_lower_bound,
     predicted_psnr,
 )
-from lightning_privacy.leakage.estimators import (
+from lightning_privacy.leakage.base import (
     ESTIMATORS,
     VALIDATED_RELATIVE_PERTURBATION,
+    EstimationContext,
     LeakageEstimate,
-    NoiseCalibration,
-    calibrate_noise,
+    LeakageEstimator,
+    SampleEstimate,
+    create_estimator,
     defense_delta,
+    list_estimators,
+    mean_square_norm,
+)
+from lightning_privacy.leakage.calibration import NoiseCalibration, calibrate_noise
+from lightning_privacy.leakage.estimators import (
+    ExactI2F,
+    ExpectedI2F,
+    LowerBound,
     estimate_leakage,
     split_gaussian_pipeline,
 )
@@ -37,18 +50,28 @@ from lightning_privacy.leakage.estimators import (
 __all__ = [
     "ESTIMATORS",
     "VALIDATED_RELATIVE_PERTURBATION",
+    "EstimationContext",
+    "ExactI2F",
+    "ExpectedI2F",
     "GramFactorization",
+    "GramSolver",
     "I2FResult",
     "LeakageEstimate",
+    "LeakageEstimator",
     "LeakageOperator",
+    "LowerBound",
     "LowerBoundResult",
     "NoiseCalibration",
+    "SampleEstimate",
     "calibrate_noise",
+    "create_estimator",
     "defense_delta",
     "estimate_leakage",
     "expected_gaussian_i2f",
     "i2f",
     "i2f_lower_bound",
+    "list_estimators",
+    "mean_square_norm",
     "predicted_psnr",
     "split_gaussian_pipeline",
 ]

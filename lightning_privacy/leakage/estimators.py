@@ -1,11 +1,14 @@
 """I2F leakage estimates for a defense pipeline: δ from the transforms, per sample and per class.
 
 The attacker observes ``g + δ`` where ``δ = defended - original`` comes from the
-``GradientTransform`` pipeline in use (noise, pruning, clipping + noise, ...). For each example of
-a held-out batch (shared alone: the most exposed case, and the paper's protocol) this module
-assembles and factorises ``J Jᵀ`` once, then reuses it for every δ draw, the Gaussian expectation
-and ``λ_max``. Results are per sample, with the batch mean, the worst sample and the worst class
-(the unfairness the paper points at), and the PSNR a perfect attacker would reach.
+``GradientTransform`` pipeline in use (noise, pruning, clipping + noise, ...). Each example of a
+held-out batch is taken as a gradient shared alone (the most exposed case, and the paper's
+protocol) and estimated by a registered estimator (:data:`ESTIMATORS`): ``"exact"``,
+``"expected"`` and ``"lower_bound"`` live here, each written once against the example's Gram
+solver -- ``J Jᵀ`` assembled and factorised once and reused for every δ draw, the Gaussian
+expectation and ``λ_max``, or matrix-free for large inputs. Results are per sample, with the batch
+mean, the worst sample and the worst class (the unfairness the paper points at), and the PSNR a
+perfect attacker would reach.
 
 Example:
     >>> import torch
@@ -24,8 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -34,50 +36,29 @@ from torch import Tensor, nn
 from lightning_privacy._validation import check_choice, check_float, check_int
 from lightning_privacy.defenses.base import GradientTransform, apply_transforms
 from lightning_privacy.functional.gradients import LossFn, select_parameters
-from lightning_privacy.functional.leakage import (
-    GramFactorization,
-    LanczosResult,
-    LeakageOperator,
-    hutchinson_trace_inverse,
-    i2f_from_operator,
-    lanczos_lambda_max,
-    predicted_psnr,
+from lightning_privacy.functional.leakage import LanczosResult, LeakageOperator
+from lightning_privacy.leakage.base import (
+    ESTIMATORS,
+    VALIDATED_RELATIVE_PERTURBATION,
+    EstimationContext,
+    LeakageEstimate,
+    LeakageEstimator,
+    SampleEstimate,
+    defense_delta,
+    mean_square_norm,
 )
 
-ESTIMATORS = ("exact", "expected", "lower_bound")
-
-#: ``‖δ‖ / ‖g‖`` up to which the I2F was checked against a converged attack (README, I2F fidelity:
-#: error ÷ I2F 0.95-1.16, rank correlation >= 0.92). Beyond it the first-order expansion departs
-#: from the attack (an unclamped attack does worse than predicted) and the estimate is uncalibrated.
-VALIDATED_RELATIVE_PERTURBATION = 0.06
-
-
-def defense_delta(
-    transforms: Sequence[GradientTransform],
-    gradients: Sequence[Tensor],
-    generator: torch.Generator | None = None,
-) -> list[Tensor]:
-    """One draw of ``δ = defended - original`` for any transform pipeline.
-
-    Args:
-        transforms: The ``GradientTransform`` pipeline (applied in order, as in the Trainer).
-        gradients: The original gradients (not modified).
-        generator: Source of the defense's randomness.
-
-    Returns:
-        ``δ`` per gradient tensor.
-
-    Example:
-        >>> from lightning_privacy.defenses.base import GradientTransform
-        >>> class Halve(GradientTransform):
-        ...     def __call__(self, gradients, *, generator=None):
-        ...         return [g / 2 for g in gradients]
-        >>> defense_delta([Halve()], [torch.ones(2)])
-        [tensor([-0.5000, -0.5000])]
-    """
-    gradients = list(gradients)
-    defended = apply_transforms(transforms, gradients, generator=generator)
-    return [d - g for d, g in zip(defended, gradients, strict=True)]
+__all__ = [
+    "ESTIMATORS",
+    "VALIDATED_RELATIVE_PERTURBATION",
+    "ExactI2F",
+    "ExpectedI2F",
+    "LeakageEstimate",
+    "LowerBound",
+    "defense_delta",
+    "estimate_leakage",
+    "split_gaussian_pipeline",
+]
 
 
 def _gaussian_noise_type() -> type | None:
@@ -126,94 +107,125 @@ def split_gaussian_pipeline(
     return transforms[:-1], float(transforms[-1].std)  # type: ignore[attr-defined]
 
 
-@dataclass(frozen=True)
-class LeakageEstimate:
-    """Per-sample I2F estimates for a held-out batch and their summaries.
+def _mean_lower_bound(jdelta: Tensor, lanczos: LanczosResult) -> float:
+    """Mean of ``‖J δ‖ / λ_max`` over the rows of ``jdelta``."""
+    return float((jdelta.norm(dim=-1) / lanczos.value).mean())
 
-    Attributes:
-        estimator: ``"exact"``, ``"expected"`` or ``"lower_bound"`` (what ``per_sample_i2f`` is).
-        per_sample_i2f: ``(B,)`` the estimate per example (mean over δ draws for ``"exact"``;
-            root-mean-square ``sqrt(E I2F²)`` for ``"expected"``).
-        per_sample_lower_bound: ``(B,)`` ``‖J δ‖ / λ_max`` (mean over the same draws).
-        lambda_max: ``(B,)`` ``λ_max(J Jᵀ)`` per example.
-        predicted_psnr: ``(B,)`` PSNR a perfect attacker would reach (``MSE = I2F² / d_x``).
-        targets: ``(B,)`` the labels, for per-class summaries.
-        relative_perturbation: ``(B,)`` ``‖δ‖ / ‖g‖`` per example (root-mean-square over the draws;
-            in closed form for ``"expected"``): how far the I2F's linearisation is stretched.
-            Above :data:`VALIDATED_RELATIVE_PERTURBATION` the estimate is not calibrated.
-        per_class_predicted_psnr: ``{class: mean predicted PSNR}``.
-        lanczos: One :class:`LanczosResult` per example (``λ_max`` iterations and convergence).
+
+@ESTIMATORS.register("exact")
+@dataclass(frozen=True)
+class ExactI2F(LeakageEstimator):
+    """Mean I2F ``‖(J Jᵀ + λ I)⁻¹ J δ‖`` of ``num_delta_samples`` draws of δ from any pipeline.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> op = LeakageOperator(model, torch.randn(1, 3), torch.tensor([0]))
+        >>> ExactI2F().estimate(op, EstimationContext()).i2f  # no defense: δ = 0
+        0.0
     """
 
-    estimator: str
-    per_sample_i2f: Tensor
-    per_sample_lower_bound: Tensor
-    lambda_max: Tensor
-    predicted_psnr: Tensor
-    targets: Tensor
-    relative_perturbation: Tensor
-    per_class_predicted_psnr: dict[int, float] = field(default_factory=dict)
-    lanczos: tuple[LanczosResult, ...] = ()
-
-    @property
-    def beyond_validated_range(self) -> bool:
-        """Whether some example's ``‖δ‖ / ‖g‖`` exceeds :data:`VALIDATED_RELATIVE_PERTURBATION`."""
-        return bool(self.relative_perturbation.max() > VALIDATED_RELATIVE_PERTURBATION)
-
-    @property
-    def i2f(self) -> float:
-        """Mean I2F over the batch."""
-        return float(self.per_sample_i2f.mean())
-
-    @property
-    def mean_predicted_psnr(self) -> float:
-        """Mean predicted PSNR over the batch (dB)."""
-        return float(self.predicted_psnr.mean())
-
-    @property
-    def worst_sample_predicted_psnr(self) -> float:
-        """Highest predicted PSNR: the least protected example (dB)."""
-        return float(self.predicted_psnr.max())
-
-    @property
-    def worst_class_predicted_psnr(self) -> float:
-        """Highest per-class mean predicted PSNR: the least protected class (dB)."""
-        return max(self.per_class_predicted_psnr.values())
-
-    def metrics(self, prefix: str = "leakage/", per_class: bool = False) -> dict[str, float]:
-        """Scalars to log: ``i2f``, the bound, ``λ_max``, PSNR summaries, ``‖δ‖ / ‖g‖``."""
-        out = {
-            f"{prefix}i2f": self.i2f,
-            f"{prefix}i2f_lower_bound": float(self.per_sample_lower_bound.mean()),
-            f"{prefix}lambda_max": float(self.lambda_max.mean()),
-            f"{prefix}predicted_psnr": self.mean_predicted_psnr,
-            f"{prefix}worst_sample_predicted_psnr": self.worst_sample_predicted_psnr,
-            f"{prefix}worst_class_predicted_psnr": self.worst_class_predicted_psnr,
-            f"{prefix}relative_perturbation": float(self.relative_perturbation.mean()),
-        }
-        if per_class:
-            for c, v in sorted(self.per_class_predicted_psnr.items()):
-                out[f"{prefix}predicted_psnr/class_{c}"] = v
-        return out
+    def estimate(self, op: LeakageOperator, context: EstimationContext) -> SampleEstimate:
+        """The mean over the draws, with the lower bound of the same draws."""
+        solver = context.gram_solver(op)
+        lanczos = solver.lanczos()
+        deltas = context.draw_deltas(op)
+        jdelta = op.jdelta_rows(deltas)
+        return context.sample_estimate(
+            op,
+            i2f=float(solver.solve_norms(jdelta).mean()),
+            lower_bound=_mean_lower_bound(jdelta, lanczos),
+            lanczos=lanczos,
+            delta_sq_norm=mean_square_norm(deltas),
+        )
 
 
-def _delta_rows(
-    op: LeakageOperator,
-    transforms: Sequence[GradientTransform],
-    defended: list[int],
-    num_draws: int,
-    generator: torch.Generator | None,
-) -> Tensor:
-    grads = list(torch.split(op.gradient, op.numels))
-    grads = [g.reshape(s) for g, s in zip(grads, op.shapes, strict=True)]
-    rows = []
-    for _ in range(num_draws):
-        part = defense_delta(transforms, [grads[i] for i in defended], generator)
-        full = [torch.zeros_like(g) for g in grads]
-        for i, d in zip(defended, part, strict=True):
-            full[i] = d
-        rows.append(op.flatten_delta(full)[0])
-    return torch.stack(rows)
+@ESTIMATORS.register("expected")
+@dataclass(frozen=True)
+class ExpectedI2F(LeakageEstimator):
+    """``sqrt(E I2F²)`` in closed form for ``[deterministic..., GaussianNoise(std)]``, no draws.
+
+    With ``b`` the residual of the deterministic part (clipping, ...) and ``δ = b + N(0, std² I)``
+    on the defended entries: ``E I2F² = ‖(J Jᵀ + λ I)⁻¹ J b‖² + std² Σ λ_i / (λ_i + λ)²`` and
+    ``E ‖J δ‖² = ‖J b‖² + std² tr(J Jᵀ)``. Matrix-free, both traces are Hutchinson estimates with
+    ``num_delta_samples`` probes.
+
+    Example:
+        >>> ExpectedI2F().check_defense([])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected a pipeline ending in one GaussianNoise ...
+    """
+
+    def check_defense(self, transforms: Sequence[GradientTransform]) -> None:
+        """Accept only ``[deterministic..., GaussianNoise]`` (:func:`split_gaussian_pipeline`)."""
+        split_gaussian_pipeline(transforms)
+
+    def estimate(self, op: LeakageOperator, context: EstimationContext) -> SampleEstimate:
+        """The closed-form root-mean-square I2F and the bound from ``E ‖J δ‖²``."""
+        deterministic, std = split_gaussian_pipeline(context.transforms)
+        solver = context.gram_solver(op)
+        lanczos = solver.lanczos()
+        bias = context.draw_deltas(op, deterministic, num_draws=1)
+        jbias = op.jdelta_rows(bias)
+        i2f_sq = float(solver.solve_norms(jbias)[0] ** 2) + std**2 * solver.trace_inverse()
+        jdelta_sq = float(jbias.norm() ** 2) + std**2 * solver.trace()
+        return context.sample_estimate(
+            op,
+            i2f=math.sqrt(i2f_sq),
+            lower_bound=math.sqrt(jdelta_sq) / lanczos.value,
+            lanczos=lanczos,
+            delta_sq_norm=mean_square_norm(bias) + std**2 * context.defended_size(op),
+        )
+
+
+@ESTIMATORS.register("lower_bound")
+@dataclass(frozen=True)
+class LowerBound(LeakageEstimator):
+    """``‖J δ‖ / λ_max`` only: cheap, but it tracks the noise size, not which images leak.
+
+    ``λ_max`` comes from matrix-free Lanczos whatever ``method`` says: ``J Jᵀ`` is never
+    assembled.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> op = LeakageOperator(model, torch.randn(1, 3), torch.tensor([0]))
+        >>> LowerBound().estimate(op, EstimationContext()).lower_bound  # no defense: δ = 0
+        0.0
+    """
+
+    def estimate(self, op: LeakageOperator, context: EstimationContext) -> SampleEstimate:
+        """The mean bound over the draws (both ``i2f`` and ``lower_bound``)."""
+        lanczos = context.gram_solver(op, method="cg").lanczos()
+        deltas = context.draw_deltas(op)
+        bound = _mean_lower_bound(op.jdelta_rows(deltas), lanczos)
+        return context.sample_estimate(
+            op,
+            i2f=bound,
+            lower_bound=bound,
+            lanczos=lanczos,
+            delta_sq_norm=mean_square_norm(deltas),
+        )
+
+
+def _check_batch(inputs: Tensor, targets: Tensor) -> None:
+    if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+        raise TypeError("Expected `inputs` and `targets` to be tensors.")
+    if len(inputs) != len(targets) or len(inputs) == 0:
+        raise ValueError(
+            f"Expected `inputs` and `targets` with the same non-zero batch size, but got "
+            f"{len(inputs)} and {len(targets)}."
+        )
+
+
+def _defended_indices(
+    model: nn.Module,
+    layers: str | Sequence[str] | None,
+    defense_layers: str | Sequence[str] | None,
+) -> tuple[int, ...]:
+    """Indices, among the observed parameters, of those the defense acts on."""
+    observed = list(select_parameters(model, layers))
+    acting = list(select_parameters(model, defense_layers))
+    return tuple(observed.index(n) for n in acting if n in observed)
 
 
 def estimate_leakage(
@@ -240,10 +252,10 @@ def estimate_leakage(
         inputs: Held-out examples ``(B, ...)``, floating point.
         targets: Their labels ``(B,)``.
         transforms: The defense pipeline the attacker faces (``GradientDefense.transforms``).
-        estimator: ``"exact"`` (I2F of ``num_delta_samples`` draws of δ), ``"expected"``
-            (``sqrt(E I2F²)`` in closed form for ``[deterministic..., GaussianNoise]``, no draws)
-            or ``"lower_bound"`` (``‖J δ‖ / λ_max`` only; cheap, but it tracks noise size, not which
-            images leak).
+        estimator: A name in :data:`ESTIMATORS`: ``"exact"`` (I2F of ``num_delta_samples`` draws
+            of δ), ``"expected"`` (``sqrt(E I2F²)`` in closed form for
+            ``[deterministic..., GaussianNoise]``, no draws) or ``"lower_bound"``
+            (``‖J δ‖ / λ_max`` only; cheap, but it tracks noise size, not which images leak).
         num_delta_samples: δ draws per example for ``"exact"`` and ``"lower_bound"``.
         damping: ``λ >= 0`` (keep 0: damping hides which images leak).
         loss_fn: Loss with the reduction of the shared gradient.
@@ -275,229 +287,23 @@ def estimate_leakage(
     num_delta_samples = check_int("num_delta_samples", num_delta_samples, low=1)
     damping = check_float("damping", damping, low=0.0)
     data_range = check_float("data_range", data_range, low=0.0, low_open=True)
-    if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
-        raise TypeError("Expected `inputs` and `targets` to be tensors.")
-    if len(inputs) != len(targets) or len(inputs) == 0:
-        raise ValueError(
-            f"Expected `inputs` and `targets` with the same non-zero batch size, but got "
-            f"{len(inputs)} and {len(targets)}."
-        )
-    observed = list(select_parameters(model, layers))
-    acting = list(select_parameters(model, defense_layers))
-    defended = [observed.index(n) for n in acting if n in observed]
-    deterministic: list[GradientTransform] = []
-    std = 0.0
-    if estimator == "expected":
-        deterministic, std = split_gaussian_pipeline(transforms)
-    values, bounds, lams, psnrs, runs, rels = [], [], [], [], [], []
-    for i in range(len(inputs)):
-        x, y = inputs[i : i + 1], targets[i : i + 1]
-        op = LeakageOperator(model, x, y, loss_fn=loss_fn, layers=layers)
-        lam_gen = torch.Generator(device=op.gradient.device).manual_seed(i)
-        if estimator == "lower_bound":
-            run = lanczos_lambda_max(
-                op.gram_matvec,
-                op.input_dim,
-                generator=lam_gen,
-                device=op.gradient.device,
-            )
-            rows = _delta_rows(op, transforms, defended, num_delta_samples, generator)
-            bound = op.jvp(rows).reshape(len(rows), -1).to(torch.float64).norm(dim=-1) / run.value
-            value = bound.mean()
-            lower = value
-        elif method == "dense" or (method == "auto" and op.input_dim <= dense_limit):
-            fact = GramFactorization(op.gram(), spectrum=damping > 0)
-            run = fact.lanczos(generator=lam_gen)
-            if estimator == "exact":
-                rows = _delta_rows(op, transforms, defended, num_delta_samples, generator)
-                jd = op.jvp(rows).reshape(len(rows), -1).to(torch.float64)
-                value = fact.solve(jd, damping).norm(dim=-1).mean()
-                lower = (jd.norm(dim=-1) / run.value).mean()
-            else:
-                bias = _delta_rows(op, deterministic, defended, 1, generator)
-                jb = op.jvp(bias).reshape(1, -1).to(torch.float64)
-                sq = float(fact.solve(jb, damping).norm() ** 2)
-                sq += std**2 * fact.trace_inverse(damping)
-                value = torch.tensor(math.sqrt(sq), dtype=torch.float64)
-                # E‖Jδ‖² = ‖J b‖² + std² ‖J‖_F² = ‖J b‖² + std² tr(J Jᵀ)
-                jsq = float(jb.norm() ** 2) + std**2 * float(torch.trace(fact.gram))
-                lower = torch.tensor(math.sqrt(jsq) / run.value, dtype=torch.float64)
-        else:  # matrix-free: inputs too large to assemble J Jᵀ
-            run = lanczos_lambda_max(
-                op.gram_matvec, op.input_dim, generator=lam_gen, device=op.gradient.device
-            )
-            if estimator == "exact":
-                rows = _delta_rows(op, transforms, defended, num_delta_samples, generator)
-                res = i2f_from_operator(op, rows, damping=damping, method="cg")
-                value = res.value.mean()
-                lower = (res.jdelta_norm / run.value).mean()
-            else:
-                bias = _delta_rows(op, deterministic, defended, 1, generator)
-                res = i2f_from_operator(op, bias, damping=damping, method="cg")
-                trace = hutchinson_trace_inverse(
-                    op, num_probes=num_delta_samples, damping=damping, generator=generator
-                )
-                value = torch.tensor(
-                    math.sqrt(float(res.value[0]) ** 2 + std**2 * trace), dtype=torch.float64
-                )
-                probes = (
-                    torch.randint(0, 2, (num_delta_samples, op.input_dim), generator=generator).to(
-                        torch.float64
-                    )
-                    * 2
-                    - 1
-                )
-                frob = sum(float(z @ op.gram_matvec(z).double()) for z in probes) / len(probes)
-                jsq = float(res.jdelta_norm[0]) ** 2 + std**2 * frob
-                lower = torch.tensor(math.sqrt(jsq) / run.value, dtype=torch.float64)
-        if estimator == "expected":
-            noise_dim = sum(op.numels[k] for k in defended)
-            sq_norm = float(bias.double().norm() ** 2) + std**2 * noise_dim  # E‖δ‖²
-        else:
-            sq_norm = float((rows.double().norm(dim=-1) ** 2).mean())
-        rels.append(_relative(math.sqrt(sq_norm), float(op.gradient.norm())))
-        values.append(value)
-        bounds.append(lower)
-        lams.append(run.value)
-        runs.append(run)
-        psnrs.append(predicted_psnr(value, op.input_dim, data_range=data_range))
-    per_sample = torch.stack(values).to(torch.float64)
-    psnr = torch.stack(psnrs)
-    labels = targets.detach().reshape(-1).cpu()
-    per_class: dict[int, float] = {}
-    for c in torch.unique(labels).tolist():
-        per_class[int(c)] = float(psnr[labels == c].mean())
-    return LeakageEstimate(
-        estimator=estimator,
-        per_sample_i2f=per_sample,
-        per_sample_lower_bound=torch.stack(bounds).to(torch.float64),
-        lambda_max=torch.tensor(lams, dtype=torch.float64),
-        predicted_psnr=psnr,
-        targets=labels,
-        per_class_predicted_psnr=per_class,
-        lanczos=tuple(runs),
-        relative_perturbation=torch.tensor(rels, dtype=torch.float64),
+    _check_batch(inputs, targets)
+    context = EstimationContext(
+        transforms=tuple(transforms),
+        defended=_defended_indices(model, layers, defense_layers),
+        num_delta_samples=num_delta_samples,
+        damping=damping,
+        generator=generator,
+        method=method,
+        dense_limit=dense_limit,
+        data_range=data_range,
     )
-
-
-def _relative(delta_norm: float, gradient_norm: float) -> float:
-    if delta_norm == 0.0:
-        return 0.0
-    return delta_norm / gradient_norm if gradient_norm > 0 else math.inf
-
-
-@dataclass(frozen=True)
-class NoiseCalibration:
-    """Result of :func:`calibrate_noise`.
-
-    Attributes:
-        std: The smallest Gaussian ``std`` (to the bisection tolerance) whose predicted PSNR is at
-            most the target.
-        predicted_psnr: The predicted PSNR at ``std`` (after ``reduction``).
-        per_sample_predicted_psnr: ``(B,)`` predicted PSNR per example at ``std``.
-        iterations: Bisection steps.
-    """
-
-    std: float
-    predicted_psnr: float
-    per_sample_predicted_psnr: Tensor
-    iterations: int
-
-
-def calibrate_noise(
-    model: nn.Module,
-    batch: Any,
-    *,
-    target_psnr: float,
-    before: Sequence[GradientTransform] = (),
-    reduction: str = "worst",
-    damping: float = 0.0,
-    loss_fn: LossFn = F.cross_entropy,
-    layers: str | Sequence[str] | None = None,
-    data_range: float = 1.0,
-    std_low: float = 1e-10,
-    std_high: float = 1e3,
-    rel_tol: float = 1e-3,
-    max_iterations: int = 200,
-) -> NoiseCalibration:
-    """The smallest Gaussian noise ``std`` whose predicted attack PSNR is at most ``target_psnr``.
-
-    Noise chosen by leakage, not only by ε. The predicted PSNR at ``std`` uses the expected I2F of
-    ``[*before, GaussianNoise(std)]`` (``before``: deterministic transforms such as clipping),
-    per example, from one factorisation of ``J Jᵀ`` per example; bisection on ``log std``.
-
-    Args:
-        model: The network.
-        batch: ``(inputs, targets)`` -- the examples to protect.
-        target_psnr: Highest acceptable predicted PSNR in dB.
-        before: Deterministic transforms applied before the noise.
-        reduction: ``"worst"`` (every example at or below the target) or ``"mean"``.
-        damping: ``λ >= 0``.
-        loss_fn: Loss with the reduction of the shared gradient.
-        layers: Observed parameters.
-        data_range: Input value range.
-        std_low: Bisection lower end.
-        std_high: Bisection upper end (error if even this is not enough).
-        rel_tol: Relative width of the final bracket.
-        max_iterations: Bisection step cap.
-
-    Example:
-        >>> model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))
-        >>> batch = (torch.randn(2, 4), torch.tensor([0, 1]))
-        >>> cal = calibrate_noise(model, batch, target_psnr=20.0)
-        >>> cal.predicted_psnr <= 20.0, abs(cal.predicted_psnr - 20.0) < 0.05
-        (True, True)
-    """
-    target_psnr = check_float("target_psnr", target_psnr)
-    check_choice("reduction", reduction, ("worst", "mean"))
-    damping = check_float("damping", damping, low=0.0)
-    std_low = check_float("std_low", std_low, low=0.0, low_open=True)
-    std_high = check_float("std_high", std_high, low=std_low, low_open=True)
-    rel_tol = check_float("rel_tol", rel_tol, low=0.0, low_open=True)
-    check_int("max_iterations", max_iterations, low=1)
-    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-        raise TypeError(f"Expected `batch` as (inputs, targets), but got {type(batch).__name__}.")
-    inputs, targets = batch[0], batch[1]
-    biases, traces, dims = [], [], []
+    component = ESTIMATORS.create(estimator)
+    component.check_defense(context.transforms)
+    samples = []
     for i in range(len(inputs)):
         op = LeakageOperator(
             model, inputs[i : i + 1], targets[i : i + 1], loss_fn=loss_fn, layers=layers
         )
-        fact = GramFactorization(op.gram(), spectrum=damping > 0)
-        rows = _delta_rows(op, before, list(range(len(op.names))), 1, None)
-        jb = op.jvp(rows).reshape(1, -1).to(torch.float64)
-        biases.append(float(fact.solve(jb, damping).norm() ** 2))
-        traces.append(fact.trace_inverse(damping))
-        dims.append(op.input_dim)
-    bias_t = torch.tensor(biases, dtype=torch.float64)
-    trace_t = torch.tensor(traces, dtype=torch.float64)
-
-    def per_sample(std: float) -> Tensor:
-        value = torch.sqrt(bias_t + std**2 * trace_t)
-        return torch.stack(
-            [predicted_psnr(v, d, data_range=data_range) for v, d in zip(value, dims, strict=True)]
-        )
-
-    def reduce(p: Tensor) -> float:
-        return float(p.max() if reduction == "worst" else p.mean())
-
-    if reduce(per_sample(0.0)) <= target_psnr:
-        return NoiseCalibration(0.0, reduce(per_sample(0.0)), per_sample(0.0), 0)
-    if reduce(per_sample(std_high)) > target_psnr:
-        raise ValueError(
-            f"Expected `target_psnr` to be reachable with std <= std_high={std_high}, but the "
-            f"predicted PSNR there is {reduce(per_sample(std_high)):.2f} dB. Raise `std_high`."
-        )
-    lo, hi = std_low, std_high
-    if reduce(per_sample(lo)) <= target_psnr:
-        hi = lo
-    steps = 0
-    while hi / lo > 1.0 + rel_tol and steps < max_iterations:
-        mid = math.sqrt(lo * hi)
-        if reduce(per_sample(mid)) <= target_psnr:
-            hi = mid
-        else:
-            lo = mid
-        steps += 1
-    final = per_sample(hi)
-    return NoiseCalibration(hi, reduce(final), final, steps)
+        samples.append(component.estimate(op, replace(context, example_index=i)))
+    return LeakageEstimate.from_samples(estimator, samples, targets)

@@ -1,20 +1,34 @@
 import math
 from dataclasses import dataclass
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_privacy import defenses
+from lightning_privacy._validation import check_choice
+from lightning_privacy.callbacks import GradientDefense, LeakageMonitor
 from lightning_privacy.defenses.base import GradientTransform
+from lightning_privacy.functional.leakage import LanczosResult, LeakageOperator
 from lightning_privacy.leakage import (
+    ESTIMATORS,
+    EstimationContext,
+    LeakageEstimate,
+    LeakageEstimator,
+    SampleEstimate,
     calibrate_noise,
+    create_estimator,
     defense_delta,
     estimate_leakage,
     i2f,
     i2f_lower_bound,
+    list_estimators,
+    mean_square_norm,
     split_gaussian_pipeline,
 )
+from lightning_privacy.models import LitClassifier
 
 GaussianNoise = getattr(defenses, "GaussianNoise", None)
 needs_noise = pytest.mark.skipif(GaussianNoise is None, reason="GaussianNoise not available")
@@ -225,3 +239,142 @@ def test_matrix_free_expected_uses_hutchinson(data):
     ratio = float(cg.per_sample_i2f[0] / dense.per_sample_i2f[0])
     assert 0.8 < ratio < 1.2
     assert 0.8 < float(cg.per_sample_lower_bound[0] / dense.per_sample_lower_bound[0]) < 1.2
+
+
+def test_registry_of_estimators():
+    assert list_estimators() == ["exact", "expected", "lower_bound"] == list(ESTIMATORS)
+    assert "exact" in ESTIMATORS and "exactly" not in ESTIMATORS and len(ESTIMATORS) == 3
+    assert check_choice("estimator", "expected", ESTIMATORS) == "expected"
+    for name in list_estimators():
+        assert isinstance(create_estimator(name), LeakageEstimator)
+    with pytest.raises(ValueError, match="Did you mean 'lower_bound'"):
+        create_estimator("lowerbound")
+    create_estimator("exact").check_defense([Scale(0.5)])  # any pipeline
+    with pytest.raises(ValueError, match="GaussianNoise"):
+        create_estimator("expected").check_defense([Scale(0.5)])
+
+
+def test_leakage_estimate_is_assembled_from_sample_estimates():
+    runs = [LanczosResult(4.0, 3, True, 0.0), LanczosResult(2.0, 5, False, 1e-3)]
+    samples = [
+        SampleEstimate(0.1, 0.01, runs[0], 0.05, 30.0),
+        SampleEstimate(0.3, 0.02, runs[1], 0.07, 20.0),
+    ]
+    est = LeakageEstimate.from_samples("exact", samples, torch.tensor([[1], [0]]))
+    assert torch.equal(est.per_sample_i2f, torch.tensor([0.1, 0.3], dtype=torch.float64))
+    assert torch.equal(est.lambda_max, torch.tensor([4.0, 2.0], dtype=torch.float64))
+    assert torch.equal(est.targets, torch.tensor([1, 0]))
+    assert est.per_class_predicted_psnr == {0: 20.0, 1: 30.0} and est.lanczos == tuple(runs)
+    assert est.beyond_validated_range and est.metrics()["leakage/i2f_lower_bound"] == 0.015
+
+
+def test_context_draws_delta_only_on_defended_parameters(data):
+    model = net()
+    x, y = data
+    op = LeakageOperator(model, x[:1], y[:1])
+    context = EstimationContext(transforms=[Scale(0.0)], defended=(2, 3), num_delta_samples=2)
+    deltas = context.draw_deltas(op)
+    a = op.numels[0] + op.numels[1]
+    assert deltas.shape == (2, op.param_dim) and context.defended_size(op) == op.param_dim - a
+    assert torch.equal(deltas[:, :a], torch.zeros(2, a, dtype=deltas.dtype))
+    assert torch.equal(deltas[0, a:], -op.gradient[a:])
+    assert mean_square_norm(deltas) == pytest.approx(float(op.gradient[a:].norm() ** 2))
+
+
+def test_lower_bound_never_assembles_the_gram_matrix(data, monkeypatch):
+    model = net()
+    x, y = data
+
+    def no_gram(self, **kwargs):
+        raise AssertionError("lower_bound assembled J Jᵀ")
+
+    dense = estimate_leakage(model, x[:2], y[:2], transforms=[Scale(0.9)], estimator="lower_bound")
+    monkeypatch.setattr(LeakageOperator, "gram", no_gram)
+    for method in ("dense", "cg", "auto"):
+        est = estimate_leakage(
+            model, x[:2], y[:2], transforms=[Scale(0.9)], estimator="lower_bound", method=method
+        )
+        assert torch.equal(est.per_sample_i2f, dense.per_sample_i2f)
+        assert torch.equal(est.per_sample_i2f, est.per_sample_lower_bound)
+
+
+@dataclass(frozen=True)
+class WorstDraw(LeakageEstimator):
+    """The largest I2F over the draws: a pessimistic "exact", registered from this file alone."""
+
+    def check_defense(self, transforms):
+        if not transforms:
+            raise ValueError(
+                "Expected `transforms` to hold a defense for estimator='worst_draw', but got []."
+            )
+
+    def estimate(self, op, context):
+        solver = context.gram_solver(op)
+        lanczos = solver.lanczos()
+        deltas = context.draw_deltas(op)
+        jdelta = op.jdelta_rows(deltas)
+        return context.sample_estimate(
+            op,
+            i2f=float(solver.solve_norms(jdelta).max()),
+            lower_bound=float(jdelta.norm(dim=-1).max() / lanczos.value),
+            lanczos=lanczos,
+            delta_sq_norm=mean_square_norm(deltas),
+        )
+
+
+@pytest.fixture
+def worst_draw():
+    ESTIMATORS.register("worst_draw")(WorstDraw)
+    yield "worst_draw"
+    del ESTIMATORS._entries["worst_draw"]
+
+
+def test_new_estimator_runs_in_estimate_leakage(data, worst_draw):
+    model = net()
+    x, y = data
+    pipeline = [AddNoise(1e-3)]
+
+    def run(estimator, draws):
+        gen = torch.Generator().manual_seed(0)
+        return estimate_leakage(
+            model,
+            x,
+            y,
+            transforms=pipeline,
+            estimator=estimator,
+            num_delta_samples=draws,
+            generator=gen,
+        )
+
+    worst, exact = run(worst_draw, 5), run("exact", 5)
+    assert worst.estimator == "worst_draw" and worst.per_sample_i2f.shape == (4,)
+    assert (worst.per_sample_i2f > exact.per_sample_i2f).all()  # same draws: max > mean
+    assert torch.equal(worst.relative_perturbation, exact.relative_perturbation)
+    assert torch.equal(worst.lambda_max, exact.lambda_max)
+    single = run(worst_draw, 1)  # one draw: the max is the mean
+    assert torch.equal(single.per_sample_i2f, run("exact", 1).per_sample_i2f)
+    with pytest.raises(ValueError, match="estimator='worst_draw'"):
+        estimate_leakage(model, x, y, transforms=[], estimator=worst_draw)
+
+
+@needs_noise
+def test_new_estimator_runs_in_leakage_monitor(worst_draw, fast_trainer_kwargs):
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(20, 1, 4, 4, generator=gen), torch.randint(0, 3, (20,), generator=gen)
+    torch.manual_seed(0)
+    module = LitClassifier(
+        nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Sigmoid(), nn.Linear(8, 3)), lr=0.1
+    )
+    monitor = LeakageMonitor(
+        estimator=worst_draw, every_n_train_steps=2, batch=(x[16:], y[16:]), num_samples=2
+    )
+    trainer = L.Trainer(
+        max_steps=2,
+        callbacks=[GradientDefense([GaussianNoise(std=1e-3)]), monitor],
+        **fast_trainer_kwargs,
+    )
+    trainer.fit(module, DataLoader(TensorDataset(x[:16], y[:16]), batch_size=8))
+    assert monitor.last is not None and monitor.last.estimator == "worst_draw"
+    assert len(monitor.history) == 1 and monitor.last.per_sample_i2f.shape == (2,)
+    assert torch.isfinite(trainer.callback_metrics["leakage/i2f"])
+    assert float(trainer.callback_metrics["leakage/i2f"]) > 0
