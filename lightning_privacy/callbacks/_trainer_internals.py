@@ -7,8 +7,8 @@ here (the tests of the callbacks that use them fail on the function's name).
 Example:
     >>> import lightning as L
     >>> trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
-    >>> train_source(trainer) is None or not train_source(trainer).is_defined()
-    True
+    >>> uses_distributed_sampler(trainer), process_group_timeout(trainer)
+    (True, datetime.timedelta(seconds=1800))
 """
 
 from __future__ import annotations

@@ -55,27 +55,25 @@ import dataclasses
 import json
 import math
 import time
-import warnings
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_privacy._validation import check_choice, check_float, check_int
 from lightning_privacy.attacks import Attack, create_attack
-from lightning_privacy.callbacks._observer import (
-    ScheduledObserver,
+from lightning_privacy.callbacks import _trainer_internals as internals
+from lightning_privacy.callbacks._gradient_view import (
     find_gradient_defense,
     fix_held_out_batch,
-    isolated,
-    log_rank_zero,
     module_loss_fn,
     observed_gradients,
     split_batch,
 )
+from lightning_privacy.callbacks._observer import ScheduledObserver, isolated, log_rank_zero
 from lightning_privacy.functional.attacks.common import Reconstruction, bn_mode
 from lightning_privacy.metrics import reconstruction_metrics
 
@@ -143,7 +141,19 @@ class InversionAudit(ScheduledObserver):
         self._held_out: tuple[Tensor, Tensor] | None = None
         self._bound: float | None = self.max_seconds
 
+    def _defining_arguments(self) -> dict[str, Any]:
+        return {
+            **super()._defining_arguments(),
+            "attack": repr(self.attack),
+            "num_samples": self.num_samples,
+            "apply_defenses": self.apply_defenses,
+        }
+
+    def _subject(self) -> str:
+        return f"the {type(self.attack).__name__} attack"
+
     # ------------------------------------------------------------------ setup
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Check everything that can fail before training and fix the held-out batch."""
         if stage != "fit":
@@ -166,10 +176,8 @@ class InversionAudit(ScheduledObserver):
         if problems:
             raise ValueError("InversionAudit cannot run: " + "; ".join(problems) + ".")
         if trainer.world_size > 1 and self.max_seconds is None:
-            timeout = getattr(trainer.strategy, "_timeout", None) or timedelta(minutes=30)
-            self._bound = 0.5 * timeout.total_seconds()
-        if self.generator.device != pl_module.device:
-            self.generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+            self._bound = 0.5 * internals.process_group_timeout(trainer).total_seconds()
+        self._bind_generator(pl_module.device)
 
     def _modality_problems(self, inputs: Tensor) -> list[str]:
         text = not inputs.is_floating_point()
@@ -212,34 +220,13 @@ class InversionAudit(ScheduledObserver):
         inputs, targets = (t.to(pl_module.device) for t in self._held_out)
         start = time.perf_counter()
         try:
-            with isolated(pl_module, train=False, seed=self.seed), torch.enable_grad():
-                observed = observed_gradients(
-                    pl_module,
-                    inputs,
-                    targets,
-                    loss_fn=module_loss_fn(pl_module),
-                    defense=defense,
-                    generator=self.generator,
-                )
-                mode = bn_mode(pl_module)
-                rec = self._attack().reconstruct(
-                    pl_module,
-                    observed.defended,
-                    input_shape=tuple(inputs.shape[1:]),
-                    num_samples=len(inputs),
-                    loss_fn=module_loss_fn(pl_module),
-                    generator=self.generator,
-                )
+            rec, mode = self._reconstruct(pl_module, inputs, targets, defense)
             scores = reconstruction_metrics(rec, (inputs.cpu(), targets.cpu()))
-        except Exception as err:  # an audit must never stop training
-            self._warn(trainer, f"raised {type(err).__name__}: {err}")
+        except Exception as err:  # caught here, not by the base: the other ranks wait for rank 0
+            self._failed(trainer, f"raised {type(err).__name__}: {err}")
             return None
-        seconds = time.perf_counter() - start
-        finite = torch.isfinite(rec.inputs.float()).all() if rec.inputs.numel() else True
-        if not bool(finite) or any(
-            math.isnan(v) for k, v in scores.items() if k not in ("label_acc", "ssim")
-        ):
-            self._warn(trainer, "returned NaN")
+        if not _finite(rec, scores):
+            self._failed(trainer, "returned NaN")
             return None
         threat = {
             "attack": type(self.attack).__name__,
@@ -250,10 +237,46 @@ class InversionAudit(ScheduledObserver):
             "labels_known": False,
         }
         metrics = {f"attack/{k}": float(v) for k, v in scores.items() if not math.isnan(v)}
-        metrics["attack/seconds"] = seconds
+        metrics["attack/seconds"] = time.perf_counter() - start
         metrics["attack/defended"] = float(threat["defended"])
         metrics["attack/labels_known"] = 0.0
         metrics["attack/bn_stats_known"] = float(threat["bn_stats_known"])
+        self._record(trainer, metrics, threat, rec, inputs)
+        return metrics
+
+    def _reconstruct(
+        self, pl_module: L.LightningModule, inputs: Tensor, targets: Tensor, defense: Any
+    ) -> tuple[Reconstruction, str]:
+        """The attack on the defended gradient of ``(inputs, targets)``; and the BN mode."""
+        loss_fn = module_loss_fn(pl_module)
+        with isolated(pl_module, train=False, seed=self.seed), torch.enable_grad():
+            observed = observed_gradients(
+                pl_module,
+                inputs,
+                targets,
+                loss_fn=loss_fn,
+                defense=defense,
+                generator=self.generator,
+            )
+            rec = self._attack().reconstruct(
+                pl_module,
+                observed.defended,
+                input_shape=tuple(inputs.shape[1:]),
+                num_samples=len(inputs),
+                loss_fn=loss_fn,
+                generator=self.generator,
+            )
+            return rec, bn_mode(pl_module)
+
+    def _record(
+        self,
+        trainer: L.Trainer,
+        metrics: dict[str, float],
+        threat: dict[str, Any],
+        rec: Reconstruction,
+        inputs: Tensor,
+    ) -> None:
+        """Log the scalars, the threat model and the images; keep the result in ``history``."""
         step = trainer.global_step
         log_rank_zero(trainer, metrics, step)
         self.last = rec
@@ -263,15 +286,6 @@ class InversionAudit(ScheduledObserver):
         self._log_threat_text(trainer, threat, step)
         if self.log_images and rec.inputs.is_floating_point() and rec.inputs.dim() == 4:
             self._log_images(trainer, inputs.cpu(), rec.inputs.detach().cpu(), step)
-        return metrics
-
-    def _warn(self, trainer: L.Trainer, what: str) -> None:
-        message = (
-            f"InversionAudit: the {type(self.attack).__name__} attack {what} at step "
-            f"{trainer.global_step}; no attack metrics logged, training continues."
-        )
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
-        self.history.append({"step": trainer.global_step, "failed": what})
 
     @staticmethod
     def _log_threat_text(trainer: L.Trainer, threat: dict[str, Any], step: int) -> None:
@@ -306,3 +320,11 @@ class InversionAudit(ScheduledObserver):
             folder = Path(log_dir or trainer.default_root_dir) / "inversion_audit"
             folder.mkdir(parents=True, exist_ok=True)
             save_image(grid, folder / f"step_{step:07d}.png")
+
+
+def _finite(rec: Reconstruction, scores: dict[str, float]) -> bool:
+    """Whether the reconstruction and its scores are numbers (label accuracy, SSIM may be NaN)."""
+    finite = bool(torch.isfinite(rec.inputs.float()).all()) if rec.inputs.numel() else True
+    return finite and not any(
+        math.isnan(v) for k, v in scores.items() if k not in ("label_acc", "ssim")
+    )

@@ -68,24 +68,25 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_privacy._validation import check_choice, check_float, check_int
-from lightning_privacy.callbacks._observer import (
-    ScheduledObserver,
+from lightning_privacy.callbacks._budget import StopReason, stop_training_if
+from lightning_privacy.callbacks._gradient_view import (
     find_gradient_defense,
     fix_held_out_batch,
-    isolated,
     module_loss_fn,
     split_batch,
 )
-from lightning_privacy.leakage.estimators import (
+from lightning_privacy.callbacks._observer import ScheduledObserver, isolated
+from lightning_privacy.leakage import (
     ESTIMATORS,
     VALIDATED_RELATIVE_PERTURBATION,
     LeakageEstimate,
+    create_estimator,
     estimate_leakage,
-    split_gaussian_pipeline,
 )
 
 __all__ = ["LeakageMonitor"]
@@ -98,7 +99,8 @@ class LeakageMonitor(ScheduledObserver):
         every_n_train_steps: Run after every n-th optimizer step.
         every_n_epochs: Run at the end of every n-th training epoch (default when neither given).
         batch: Held-out ``(inputs, targets)``; default: the first validation batch.
-        estimator: ``"exact"``, ``"expected"`` or ``"lower_bound"`` (see the module docs).
+        estimator: A registered estimator (``lightning_privacy.leakage.list_estimators()``:
+            ``"exact"``, ``"expected"``, ``"lower_bound"``; see the module docs).
         num_delta_samples: δ draws per example (``"exact"``, ``"lower_bound"``).
         max_predicted_psnr: Threshold in dB on the worst example's predicted PSNR, or ``None``.
         on_exceed: ``"warn"`` or ``"stop"`` when the threshold is passed.
@@ -147,6 +149,18 @@ class LeakageMonitor(ScheduledObserver):
         self.last: LeakageEstimate | None = None
         self._warned_range = False
 
+    def _defining_arguments(self) -> dict[str, Any]:
+        return {
+            **super()._defining_arguments(),
+            "estimator": self.estimator,
+            "num_samples": self.num_samples,
+            "num_delta_samples": self.num_delta_samples,
+        }
+
+    def _subject(self) -> str:
+        return f"the {self.estimator!r} I2F estimate"
+
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Check the Trainer: a held-out batch exists and the estimator fits the defense."""
         if stage != "fit":
@@ -169,15 +183,14 @@ class LeakageMonitor(ScheduledObserver):
                 "LeakageMonitor found no GradientDefense: the gradient is shared undefended "
                 "(δ = 0), a perfect attacker recovers the inputs exactly, and leakage/i2f is 0."
             )
-        elif self.estimator == "expected":
+        else:
             try:
-                split_gaussian_pipeline(defense.transforms)
+                create_estimator(self.estimator).check_defense(defense.transforms)
             except ValueError as err:
                 problems.append(str(err))
         if problems:
             raise ValueError("LeakageMonitor cannot run: " + "; ".join(problems) + ".")
-        if self.generator.device != pl_module.device:  # defenses draw on the gradient's device
-            self.generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        self._bind_generator(pl_module.device)  # defenses draw on the gradient's device
 
     def _observe(self, trainer: L.Trainer, pl_module: L.LightningModule, *, on_step: bool) -> None:
         defense = find_gradient_defense(trainer)
@@ -227,18 +240,17 @@ class LeakageMonitor(ScheduledObserver):
         if self.max_predicted_psnr is None:
             return
         worst = estimate.worst_sample_predicted_psnr
-        exceeded = trainer.strategy.reduce_boolean_decision(
-            bool(worst > self.max_predicted_psnr), all=False
-        )
-        if not exceeded:
-            return
         message = (
             f"Predicted attack PSNR {worst:.2f} dB (worst held-out example) exceeds "
             f"max_predicted_psnr={self.max_predicted_psnr} at step {trainer.global_step}."
         )
+        exceeded = bool(worst > self.max_predicted_psnr)
         if self.on_exceed == "stop":
-            if not trainer.should_stop:
-                rank_zero_info(message + " Stopping training.")
-            trainer.should_stop = True
-        else:
+            stop_training_if(
+                trainer,
+                exceeded,
+                reason=StopReason.LEAKAGE_THRESHOLD,
+                message=message + " Stopping training.",
+            )
+        elif trainer.strategy.reduce_boolean_decision(exceeded, all=False):
             rank_zero_warn(message + " Strengthen the defense (see calibrate_noise).")

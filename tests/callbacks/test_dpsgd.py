@@ -322,7 +322,7 @@ def test_gradient_defense_does_not_compose(fast_trainer_kwargs):
 
 
 def test_observers_see_the_dpsgd_release(fast_trainer_kwargs):
-    from lightning_privacy.callbacks._observer import find_gradient_defense
+    from lightning_privacy.callbacks._gradient_view import find_gradient_defense
     from lightning_privacy.defenses import GaussianNoise, GradientClipping
 
     dp = DPSGD(max_grad_norm=0.5, target_epsilon=5.0, epochs=1)
