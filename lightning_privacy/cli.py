@@ -25,13 +25,16 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+if TYPE_CHECKING:  # the sweep (torch, Lightning) is imported when a command needs it
+    from lightning_privacy.sweep.results import TrialResult
 
 #: Exit code of invalid input (as argparse uses).
 EXIT_USAGE = 2
@@ -58,7 +61,12 @@ DEMO_DEFENSES: tuple[dict[str, Any], ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the console script."""
+    """The argument parser of the console script.
+
+    Example:
+        >>> build_parser().parse_args(["sweep", "--config", "s.yaml", "--backend", "ray"]).backend
+        'ray'
+    """
     parser = argparse.ArgumentParser(
         prog="lightning-privacy",
         description="Privacy audits of PyTorch Lightning training: demo, sweep, report.",
@@ -128,12 +136,11 @@ def demo_config_text(
     return yaml.safe_dump(config, sort_keys=False)
 
 
-def _label_cell(result: Mapping[str, Any]) -> Text:
+def _label_cell(result: TrialResult) -> Text:
     """The configuration's label, plus the settings it overrides (dim, on a second line)."""
-    cell = Text(str(result.get("label")))
-    overrides = str(result.get("overrides") or "")
-    if overrides:
-        short = ", ".join(item.split(".", 1)[-1] for item in overrides.split(", "))
+    cell = Text(result.label)
+    if result.overrides:
+        short = ", ".join(item.split(".", 1)[-1] for item in result.overrides.split(", "))
         cell.append(f"\n  {short}", style="dim")
     return cell
 
@@ -141,63 +148,66 @@ def _label_cell(result: Mapping[str, Any]) -> Text:
 def _cell(value: Any, fmt: str) -> str:
     if value is None or value == "":
         return "—"
+    if isinstance(value, str):  # a note such as NO_FORMAL_DP
+        return value
     number = float(value)
     return "∞" if math.isinf(number) else format(number, fmt)
 
 
-def results_table(results: Sequence[Mapping[str, Any]], title: str) -> Table:
+_TABLE_COLUMNS = ("defense", "val acc", "ε", "attack PSNR (dB)", "predicted PSNR (dB)", "time (s)")
+
+
+def results_table(results: Iterable[TrialResult | Mapping[str, Any]], title: str) -> Table:
     """The summary table: val accuracy, ε, attack PSNR, predicted PSNR, time.
 
-    A configuration that overrides shared settings shows them under its label.
+    A configuration that overrides shared settings shows them under its label; a defense without
+    a formal guarantee shows :data:`~lightning_privacy.sweep.results.NO_FORMAL_DP` for ε.
 
     Example:
-        >>> rows = [{"label": "none", "val_acc": 0.9, "epsilon": float("inf")},
-        ...         {"label": "dpsgd=1", "defense": "dpsgd", "epsilon": 6.3,
-        ...          "overrides": "data.batch_size=128, model.lr=0.03"}]
+        >>> rows = [{"trial_id": "none", "defense": "none", "val_acc": 0.9},
+        ...         {"trial_id": "dpsgd=1", "defense": "dpsgd", "epsilon": 6.3,
+        ...          "overrides": "data.batch_size=128, model.lr=0.03"},
+        ...         {"trial_id": "gaussian_noise=0.1", "defense": "gaussian_noise"}]
         >>> table = results_table(rows, "title")
         >>> table.row_count, str(table.columns[0]._cells[1]).splitlines()[1]
-        (2, '  batch_size=128, lr=0.03')
+        (3, '  batch_size=128, lr=0.03')
+        >>> [str(cell) for cell in table.columns[2]._cells]
+        ['∞', '6.30', 'no formal DP']
     """
+    from lightning_privacy.sweep.results import as_result
+
     table = Table(title=title)
-    for column in (
-        "defense",
-        "val acc",
-        "ε",
-        "attack PSNR (dB)",
-        "predicted PSNR (dB)",
-        "time (s)",
-    ):
+    for column in _TABLE_COLUMNS:
         left = column == "defense"
         table.add_column(column, justify="left" if left else "right", no_wrap=left)
-    for r in results:
-        status = str(r.get("status", "ok"))
-        if status != "ok":
-            short = status.split(":", 1)[0]
+    for r in map(as_result, results):
+        if not r.ok:
+            short = r.status.split(":", 1)[0]
             table.add_row(_label_cell(r), f"[red]{short}[/red]", "", "", "", "")
             continue
-        epsilon = r.get("epsilon")
-        eps_text = _cell(epsilon, ".2f") if epsilon is not None else "none (no DP)"
         table.add_row(
             _label_cell(r),
-            _cell(r.get("val_acc"), ".3f"),
-            eps_text if r.get("defense") != "none" else "∞",
-            _cell(r.get("attack_psnr"), ".1f"),
-            _cell(r.get("predicted_psnr"), ".1f"),
-            _cell(r.get("seconds"), ".1f"),
+            _cell(r.val_acc, ".3f"),
+            _cell(r.guarantee, ".2f"),
+            _cell(r.attack_psnr, ".1f"),
+            _cell(r.predicted_psnr, ".1f"),
+            _cell(r.seconds, ".1f"),
         )
     return table
 
 
-def _missing_note(results: Sequence[Mapping[str, Any]]) -> str | None:
-    missing = sorted({m for r in results for m in r.get("missing", [])})
-    lines = [
-        f"{r.get('label')}: {r.get('status')}"
-        for r in results
-        if str(r.get("status", "ok")).startswith("failed")
-    ]
-    if missing:
-        lines.append("Not available in this build (columns show —): " + ", ".join(missing))
-    return "\n".join(lines) or None
+def _print_summary(
+    console: Console, results: Iterable[Mapping[str, Any]], title: str
+) -> list[TrialResult]:
+    """Print the table and one line per failed trial; return the results read."""
+    from lightning_privacy.sweep.results import as_result
+
+    rows = [as_result(r) for r in results]
+    console.print(results_table(rows, title))
+    failed = [f"{r.label}: {r.status}" for r in rows if not r.ok]
+    if failed:
+        console.print(Text("\n".join(failed), style="yellow"))
+    return rows
 
 
 def run_demo(
@@ -224,19 +234,26 @@ def run_demo(
         console=console,
         title=f"lightning-privacy demo: {dataset} at 16 px, LeNet, CPU",
     )
-    console.print(
-        results_table(results, f"lightning-privacy demo: {dataset} at 16 px, LeNet, 1 CPU thread")
+    _print_summary(
+        console, results, f"lightning-privacy demo: {dataset} at 16 px, LeNet, 1 CPU thread"
     )
-    note = _missing_note(results)
-    if note:
-        console.print(Text(note, style="yellow"))
     console.print(f"Report: {run_dir / 'report.html'}  (total {time.perf_counter() - start:.0f} s)")
     return results
 
 
 def run_sweep_command(args: argparse.Namespace, console: Console) -> int:
-    """``lightning-privacy sweep``: validate everything, then run."""
+    """``lightning-privacy sweep``: validate everything, then run; 1 if a trial failed.
+
+    Example:
+        >>> args = build_parser().parse_args(["sweep", "--config", "/nonexistent.yaml"])
+        >>> try:
+        ...     run_sweep_command(args, Console())
+        ... except Exception as err:
+        ...     print(type(err).__name__)
+        SweepConfigError
+    """
     from lightning_privacy.sweep import load_sweep_config
+    from lightning_privacy.sweep.results import RESULTS_CSV
     from lightning_privacy.sweep.runner import run_sweep
 
     config = load_sweep_config(args.config, backend=args.backend)
@@ -244,13 +261,9 @@ def run_sweep_command(args: argparse.Namespace, console: Console) -> int:
         raise _usage(f"Expected `--workers` to be an int >= 1, but got {args.workers} (int).")
     out = Path(args.out or f"runs/{Path(args.config).stem}")
     results = run_sweep(config, out, workers=args.workers, console=console)
-    console.print(results_table(results, f"sweep {config.name}: {len(results)} trials"))
-    note = _missing_note(results)
-    if note:
-        console.print(Text(note, style="yellow"))
-    console.print(f"Results: {out / 'results.csv'}  Report: {out / 'report.html'}")
-    failed = [r for r in results if str(r.get("status", "ok")).startswith("failed")]
-    return 1 if failed else 0
+    rows = _print_summary(console, results, f"sweep {config.name}: {len(results)} trials")
+    console.print(f"Results: {out / RESULTS_CSV}  Report: {out / 'report.html'}")
+    return 0 if all(r.ok for r in rows) else 1
 
 
 class _UsageError(Exception):
@@ -262,10 +275,15 @@ def _usage(message: str) -> _UsageError:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; returns the exit code."""
+    """Entry point of the console script; returns the exit code.
+
+    Example:
+        >>> main(["report", "/nonexistent"])  # the message goes to stderr
+        2
+    """
+    args = build_parser().parse_args(argv)  # before the sweep's imports: `--help` stays quick
     from lightning_privacy.sweep.config import SweepConfigError
 
-    args = build_parser().parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 110)
     errors = Console(stderr=True, width=None if sys.stderr.isatty() else 110)
     try:
@@ -283,10 +301,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_sweep_command(args, console)
         if args.command == "report":
             from lightning_privacy.report import write_report
-            from lightning_privacy.sweep.runner import load_results
+            from lightning_privacy.sweep.results import load_trial_results
 
             run_dir = Path(args.run_dir)
-            if not run_dir.is_dir() or not load_results(run_dir):
+            if not run_dir.is_dir() or not load_trial_results(run_dir):
                 raise _usage(
                     f"{str(run_dir)!r} is not a run directory with finished trials "
                     "(expected trials/*/result.json from `lightning-privacy sweep` or `demo`)."

@@ -4,14 +4,19 @@ Sections: the results table, the privacy-utility Pareto fronts, leakage over tra
 PSNR, I²F predicted PSNR, ε and accuracy against the optimizer step), the reconstruction grids the
 audit produced, and the threat model each number was measured under.
 
+Rendering reads the run directory and writes nothing but ``report.html``: the figures are drawn
+in memory and embedded; the sweep writes its Pareto PNG files itself. Results are
+:class:`~lightning_privacy.sweep.results.TrialResult` objects or their ``result.json`` dicts.
+
 Example:
-    >>> import tempfile
-    >>> from pathlib import Path
+    >>> import os, tempfile
     >>> rows = [{"trial_id": "none", "label": "none", "defense": "none", "val_acc": 0.9,
     ...          "attack_psnr": 35.0, "status": "ok",
     ...          "history": {"attack/psnr": [[10, 30.0], [20, 35.0]]}}]
     >>> with tempfile.TemporaryDirectory() as d:
     ...     html = write_report(d, results=rows).read_text()
+    ...     os.listdir(d)
+    ['report.html']
     >>> "<img" in html and "data:image/png;base64," in html and "http" not in html.split("<body")[0]
     True
 """
@@ -20,12 +25,20 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from lightning_privacy.sweep.pareto import PARETO_PLOTS, agg_pyplot, figure_png, pareto_figure
+from lightning_privacy.sweep.results import (
+    TrialResult,
+    as_result,
+    load_sweep_record,
+    load_trial_results,
+    write_atomic,
+)
 
 #: Scalars plotted against the step, when any trial logged them.
 CURVES = (
@@ -74,15 +87,6 @@ def data_uri(payload: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(payload).decode('ascii')}"
 
 
-def _figure_png(fig: Any) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def _fmt(value: Any) -> str:
     if value is None or value == "":
         return "—"
@@ -95,29 +99,21 @@ def _fmt(value: Any) -> str:
     return html.escape(str(value))
 
 
-def curve_figures(results: Sequence[Mapping[str, Any]]) -> list[tuple[str, bytes]]:
+def curve_figures(results: Iterable[TrialResult | Mapping[str, Any]]) -> list[tuple[str, bytes]]:
     """One PNG per logged curve of :data:`CURVES`: the metric against the step, a line per trial.
 
     Example:
-        >>> figs = curve_figures([{"label": "a", "history": {"val/acc": [[1, 0.5], [2, 0.7]]}}])
-        >>> [name for name, _ in figs]
+        >>> row = {"trial_id": "a", "history": {"val/acc": [[1, 0.5], [2, 0.7]]}}
+        >>> [name for name, _ in curve_figures([row])]
         ['validation accuracy']
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    rows = [as_result(r) for r in results]
     figures = []
     for key, label in CURVES:
-        series = [
-            (str(r.get("label", r.get("trial_id"))), r["history"][key])
-            for r in results
-            if isinstance(r.get("history"), Mapping) and r["history"].get(key)
-        ]
+        series = [(r.label, r.history[key]) for r in rows if r.history.get(key)]
         if not series:
             continue
-        fig, ax = plt.subplots(figsize=(5.2, 3.4), dpi=80)
+        fig, ax = agg_pyplot().subplots(figsize=(5.2, 3.4), dpi=80)
         for name, points in series:
             steps = [p[0] for p in points]
             values = [p[1] for p in points]
@@ -128,95 +124,80 @@ def curve_figures(results: Sequence[Mapping[str, Any]]) -> list[tuple[str, bytes
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
         fig.tight_layout()
-        figures.append((label, _figure_png(fig)))
+        figures.append((label, figure_png(fig)))
     return figures
 
 
-def _pareto_images(run_dir: Path, results: Sequence[Mapping[str, Any]]) -> list[tuple[str, bytes]]:
-    from lightning_privacy.sweep.pareto import PARETO_PLOTS, plot_pareto
+def pareto_images(results: Iterable[TrialResult | Mapping[str, Any]]) -> list[tuple[str, bytes]]:
+    """The Pareto plots of :data:`~lightning_privacy.sweep.pareto.PARETO_PLOTS` as PNG bytes.
 
-    images = []
-    ok = [r for r in results if r.get("status", "ok") == "ok"]
-    for name, key, label, log_x in PARETO_PLOTS:
-        path = run_dir / name
-        if not any(r.get(key) not in (None, "") for r in ok):
-            continue
-        plot_pareto(ok, key, label, path, log_x=log_x)  # (re)drawn from the current results
-        images.append((f"accuracy vs {label}", path.read_bytes()))
-    return images
+    Only the finished trials are drawn, and only the plots some of them have a value for.
+    Nothing is written.
+
+    Example:
+        >>> row = {"trial_id": "a", "defense": "none", "val_acc": 0.9, "attack_psnr": 30.0}
+        >>> [caption for caption, _ in pareto_images([row])]
+        ['accuracy vs attack PSNR (dB, lower = less leakage)']
+    """
+    ok = [r.to_dict() for r in map(as_result, results) if r.ok]
+    return [
+        (f"accuracy vs {label}", figure_png(pareto_figure(ok, key, label, log_x=log_x)))
+        for _, key, label, log_x in PARETO_PLOTS
+        if any(row[key] is not None for row in ok)
+    ]
 
 
 def _reconstruction_images(
-    run_dir: Path, results: Sequence[Mapping[str, Any]], per_trial: int
+    run_dir: Path, results: Sequence[TrialResult], per_trial: int
 ) -> list[tuple[str, str]]:
     figures = []
     for result in results:
-        trial_dir = run_dir / "trials" / str(result.get("trial_id", ""))
-        names = [n for n in result.get("images", []) if Path(n).suffix.lower() in _MIME]
+        names = [n for n in result.images if Path(n).suffix.lower() in _MIME]
         for name in names[-per_trial:]:
-            path = trial_dir / name
+            path = run_dir / "trials" / result.trial_id / name
             if path.is_file():
-                caption = f"{result.get('label', result.get('trial_id'))}: {Path(name).stem}"
+                caption = f"{result.label}: {Path(name).stem}"
                 figures.append((caption, data_uri(path.read_bytes(), _MIME[path.suffix.lower()])))
     return figures
 
 
-def _table(results: Sequence[Mapping[str, Any]]) -> str:
-    columns = (
-        ("label", "configuration"),
-        ("val_acc", "val acc"),
-        ("epsilon", "ε"),
-        ("attack_psnr", "attack PSNR (dB)"),
-        ("attack_ssim", "attack SSIM"),
-        ("predicted_psnr", "predicted PSNR (dB)"),
-        ("seconds", "time (s)"),
-        ("status", "status"),
-    )
-    head = "".join(f"<th>{html.escape(title)}</th>" for _, title in columns)
-    rows = []
-    for r in results:
-        cells = []
-        for key, _ in columns:
-            value = r.get(key)
-            if key == "epsilon" and value is None and r.get("status", "ok") == "ok":
-                value = "no formal guarantee" if r.get("defense") not in ("none", None) else None
-            if key == "label" and value is None:
-                value = r.get("trial_id")
-            cells.append(f"<td>{_fmt(value)}</td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
+#: The results table: TrialResult attribute (``guarantee`` is the ε column) and heading.
+_COLUMNS = (
+    ("label", "configuration"),
+    ("val_acc", "val acc"),
+    ("guarantee", "ε"),
+    ("attack_psnr", "attack PSNR (dB)"),
+    ("attack_ssim", "attack SSIM"),
+    ("predicted_psnr", "predicted PSNR (dB)"),
+    ("seconds", "time (s)"),
+    ("status", "status"),
+)
+
+
+def _table(results: Sequence[TrialResult]) -> str:
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title in _COLUMNS)
+    rows = [
+        "<tr>" + "".join(f"<td>{_fmt(getattr(r, key))}</td>" for key, _ in _COLUMNS) + "</tr>"
+        for r in results
+    ]
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
-def _threat_table(results: Sequence[Mapping[str, Any]]) -> str:
-    keys: list[str] = []
-    for r in results:
-        for k in r.get("threat_model") or {}:
-            if k not in keys:
-                keys.append(k)
+def _threat_table(results: Sequence[TrialResult]) -> str:
+    keys = list(dict.fromkeys(k for r in results for k in r.threat_model))
     if not keys:
         return ""
     head = "<th>configuration</th>" + "".join(f"<th>{html.escape(k)}</th>" for k in keys)
     rows = []
     for r in results:
-        tm = r.get("threat_model") or {}
-        cells = "".join(f"<td>{_fmt(tm.get(k))}</td>" for k in keys)
-        rows.append(f"<tr><td>{_fmt(r.get('label', r.get('trial_id')))}</td>{cells}</tr>")
+        cells = "".join(f"<td>{_fmt(r.threat_model.get(k))}</td>" for k in keys)
+        rows.append(f"<tr><td>{_fmt(r.label)}</td>{cells}</tr>")
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
-def render_report(
-    run_dir: str | Path,
-    results: Sequence[Mapping[str, Any]],
-    *,
-    title: str = "lightning-privacy report",
-    images_per_trial: int = 1,
-) -> str:
-    """The report as one HTML string (every image a base64 ``data:`` URI; no external files)."""
-    run_dir = Path(run_dir)
+def _results_section(run_dir: Path, results: Sequence[TrialResult]) -> list[str]:
+    """The table, what its columns mean, the warnings and the failed trials."""
     parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
         f"<p class='note'>Run directory <code>{html.escape(str(run_dir))}</code>, "
         f"{len(results)} configuration(s), generated {time.strftime('%Y-%m-%d %H:%M:%S')}.</p>",
         "<h2>Results</h2>",
@@ -226,109 +207,111 @@ def render_report(
         "I²F estimate for the same batch and defense. ε: formal (ε, δ)-DP where a mechanism "
         "provides it, ∞ without a defense.</p>",
     ]
-    missing = sorted({m for r in results for m in r.get("missing", [])})
-    if missing:
-        parts.append(
-            "<p class='note'>Not measured in this run (component not available): "
-            + html.escape(", ".join(missing))
-            + ".</p>"
-        )
-    notes = sorted({w for r in results for w in r.get("warnings", [])})
+    notes = sorted({w for r in results for w in r.warnings})
     if notes:
         parts.append("<details><summary class='note'>Warnings during training</summary><ul>")
         parts.extend(f"<li class='note'>{html.escape(w)}</li>" for w in notes)
         parts.append("</ul></details>")
-    failed = [r for r in results if str(r.get("status", "ok")).startswith("failed")]
-    for r in failed:
-        parts.append(f"<p class='note'>{_fmt(r.get('label'))}: {_fmt(r.get('status'))}</p>")
-    grids = _reconstruction_images(run_dir, results, images_per_trial)
-    if grids:
-        parts.append(
-            "<h2>Reconstructions</h2><p class='note'>Held-out images (truth) next to what the "
-            "simulated attacker rebuilt from the defended gradient.</p><div class='grid'>"
-        )
-        for caption, uri in grids:
-            parts.append(
-                f"<figure><img class='recon' alt='{html.escape(caption)}' src='{uri}'>"
-                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-            )
-        parts.append("</div>")
-    pareto = _pareto_images(run_dir, results)
-    if pareto:
-        parts.append("<h2>Privacy-utility Pareto front</h2><div class='grid'>")
-        for caption, payload in pareto:
-            parts.append(
-                f"<figure><img alt='{html.escape(caption)}' src='{data_uri(payload)}'>"
-                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-            )
-        parts.append("</div>")
-    curves = curve_figures(results)
-    if curves:
-        parts.append("<h2>Leakage over training</h2><div class='grid'>")
-        for caption, payload in curves:
-            parts.append(
-                f"<figure><img alt='{html.escape(caption)}' src='{data_uri(payload)}'>"
-                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-            )
-        parts.append("</div>")
-    parts.append(f"<h2>Threat model</h2><p>{THREAT_MODEL}</p>")
-    parts.append(_threat_table(results))
-    setup = _stored_settings(run_dir)
-    if setup:
-        parts.append(f"<h2>Setup</h2><pre>{html.escape(setup)}</pre>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    parts.extend(
+        f"<p class='note'>{_fmt(r.label)}: {_fmt(r.status)}</p>" for r in results if not r.ok
+    )
+    return parts
 
 
-def _stored_settings(run_dir: Path) -> str:
+def _figure_section(heading: str, figures: Sequence[tuple[str, str]], *, css: str = "") -> str:
+    """A heading and a grid of captioned images (``data:`` URIs); ``""`` without figures."""
+    if not figures:
+        return ""
+    image_class = f" class='{css}'" if css else ""
+    items = "".join(
+        f"<figure><img{image_class} alt='{html.escape(caption)}' src='{uri}'>"
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        for caption, uri in figures
+    )
+    return f"{heading}<div class='grid'>{items}</div>"
+
+
+def _png_uris(figures: Sequence[tuple[str, bytes]]) -> list[tuple[str, str]]:
+    return [(caption, data_uri(payload)) for caption, payload in figures]
+
+
+def _setup_section(run_dir: Path) -> str:
     """The sweep's shared settings and grid from ``sweep.json`` as YAML, or ``""``."""
-    import json
-
     import yaml
 
-    try:
-        stored = json.loads((run_dir / "sweep.json").read_text())
-    except (OSError, ValueError):
+    record = load_sweep_record(run_dir)
+    shown = {k: record[k] for k in ("defenses", "settings", "backend", "workers") if k in record}
+    if not shown:
         return ""
-    if not isinstance(stored, dict):
-        return ""
-    shown = {k: stored[k] for k in ("defenses", "settings", "backend", "workers") if k in stored}
-    return yaml.safe_dump(shown, sort_keys=False, allow_unicode=True)
+    setup = yaml.safe_dump(shown, sort_keys=False, allow_unicode=True)
+    return f"<h2>Setup</h2><pre>{html.escape(setup)}</pre>"
 
 
-def _stored_title(run_dir: Path) -> str:
-    """The title the sweep or demo recorded in ``sweep.json``, else a generic one."""
-    import json
+def render_report(
+    run_dir: str | Path,
+    results: Iterable[TrialResult | Mapping[str, Any]],
+    *,
+    title: str = "lightning-privacy report",
+    images_per_trial: int = 1,
+) -> str:
+    """The report as one HTML string (every image a base64 ``data:`` URI; no external files).
 
-    try:
-        return str(json.loads((run_dir / "sweep.json").read_text())["title"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return "lightning-privacy report"
+    Example:
+        >>> row = {"trial_id": "g", "label": "g", "defense": "gaussian_noise", "val_acc": 0.8}
+        >>> page = render_report(".", [row], title="t")
+        >>> page.startswith("<!DOCTYPE html>"), "no formal DP" in page
+        (True, True)
+    """
+    run_dir = Path(run_dir)
+    rows = [as_result(r) for r in results]
+    reconstructions = _figure_section(
+        "<h2>Reconstructions</h2><p class='note'>Held-out images (truth) next to what the "
+        "simulated attacker rebuilt from the defended gradient.</p>",
+        _reconstruction_images(run_dir, rows, images_per_trial),
+        css="recon",
+    )
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        *_results_section(run_dir, rows),
+        reconstructions,
+        _figure_section("<h2>Privacy-utility Pareto front</h2>", _png_uris(pareto_images(rows))),
+        _figure_section("<h2>Leakage over training</h2>", _png_uris(curve_figures(rows))),
+        f"<h2>Threat model</h2><p>{THREAT_MODEL}</p>",
+        _threat_table(rows),
+        _setup_section(run_dir),
+        "</body></html>",
+    ]
+    return "\n".join(part for part in parts if part)
 
 
 def write_report(
     run_dir: str | Path,
     *,
-    results: Sequence[Mapping[str, Any]] | None = None,
+    results: Iterable[TrialResult | Mapping[str, Any]] | None = None,
     title: str | None = None,
     path: str | Path | None = None,
 ) -> Path:
     """Write ``report.html`` for ``run_dir`` (results read from it unless given) and return it.
 
+    Nothing else is written: the figures are embedded, drawn in memory.
+
     Raises:
         FileNotFoundError: If ``run_dir`` does not exist.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     write_report(d, results=[], title="empty").name
+        'report.html'
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"Run directory {str(run_dir)!r} does not exist.")
     if results is None:
-        from lightning_privacy.sweep.runner import load_results
-
-        results = load_results(run_dir)
+        results = load_trial_results(run_dir)
     if title is None:
-        title = _stored_title(run_dir)
+        title = str(load_sweep_record(run_dir).get("title", "lightning-privacy report"))
     target = Path(path) if path is not None else run_dir / "report.html"
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(render_report(run_dir, results, title=title), encoding="utf-8")
-    tmp.replace(target)
-    return target
+    return write_atomic(target, render_report(run_dir, results, title=title))

@@ -31,7 +31,7 @@ def test_demo_quick_prints_table_and_writes_report(tmp_path, capsys):
         assert float(row["attack_psnr"]) == float(row["attack_psnr"])  # a number, not NaN
         assert row["predicted_psnr"] != ""
     assert 0 < float(rows["dpsgd"]["epsilon"]) < float("inf")
-    assert rows["gaussian_noise"]["epsilon"] == ""  # no formal guarantee, none claimed
+    assert rows["gaussian_noise"]["epsilon"] == ""  # no formal DP, none claimed
 
 
 def test_demo_config_covers_the_four_defenses():
@@ -65,3 +65,21 @@ def test_parser_rejects_unknown_command(capsys):
         assert exit_.code == 2
     else:  # pragma: no cover
         raise AssertionError("argparse accepted an unknown command")
+
+
+def test_table_says_no_formal_dp(capsys):
+    from rich.console import Console
+
+    from lightning_privacy.cli import results_table
+
+    rows = [
+        {"trial_id": "none", "defense": "none", "val_acc": 0.9, "epsilon": float("inf")},
+        {"trial_id": "gaussian_noise=0.01", "defense": "gaussian_noise", "val_acc": 0.9},
+        {"trial_id": "dpsgd=1", "defense": "dpsgd", "val_acc": 0.8, "epsilon": 6.3},
+    ]
+    Console(width=120).print(results_table(rows, "t"))
+    rows_out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
+    lines = {line.split("│")[1].strip(): line for line in rows_out}
+    assert "no formal DP" in lines["gaussian_noise=0.01"]
+    assert "∞" in lines["none"] and "6.30" in lines["dpsgd=1"]
+    assert "none (no DP)" not in "".join(lines.values())

@@ -148,3 +148,29 @@ def test_report_renders_in_headless_chromium(tmp_path):
     image = Image.open(io.BytesIO(data)).convert("L")
     # a blank page is one colour; a rendered report has text and plots
     assert len(set(image.getdata())) > 20
+
+
+def _files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def test_rendering_writes_no_file_but_report_html(tmp_path):
+    _fake_run(tmp_path)
+    before = _files(tmp_path)
+    write_report(tmp_path)
+    assert _files(tmp_path) - before == {"report.html"}
+    (tmp_path / "report.html").unlink()
+    assert main(["report", str(tmp_path)]) == 0
+    assert _files(tmp_path) - before == {"report.html"}, "the command writes no Pareto PNG"
+    assert not list(tmp_path.glob("pareto_*.png"))
+
+
+def test_no_formal_dp_has_one_spelling(tmp_path):
+    from lightning_privacy.sweep.results import NO_FORMAL_DP
+
+    results = _fake_run(tmp_path)  # gaussian_noise=0.1 has no ε: no formal guarantee
+    page = write_report(tmp_path, results=results).read_text()
+    table = page.split("<h2>Results</h2>", 1)[1].split("</table>", 1)[0]
+    assert NO_FORMAL_DP == "no formal DP"
+    assert table.count(f"<td>{NO_FORMAL_DP}</td>") == 1
+    assert "no formal guarantee" not in page and "none (no DP)" not in page

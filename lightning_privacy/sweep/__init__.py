@@ -4,6 +4,8 @@ Example:
     >>> from lightning_privacy.sweep import parse_sweep_config
     >>> len(parse_sweep_config("defenses: [{name: none}]").trials())
     1
+    >>> STRENGTH_PARAMETERS["gaussian_noise"], STRENGTH_PARAMETERS["dpsgd"]
+    ('std', 'noise_multiplier')
 """
 
 from lightning_privacy.sweep.config import (
@@ -14,12 +16,16 @@ from lightning_privacy.sweep.config import (
     load_sweep_config,
     parse_sweep_config,
 )
+from lightning_privacy.sweep.results import NO_FORMAL_DP, TrialResult, load_results
 
 __all__ = [
+    "NO_FORMAL_DP",
     "STRENGTH_PARAMETERS",
     "SweepConfig",
     "SweepConfigError",
+    "TrialResult",
     "TrialSpec",
+    "load_results",
     "load_sweep_config",
     "parse_sweep_config",
 ]

@@ -10,27 +10,31 @@ The file::
     defenses:                      # required: the grid
       - name: none
       - name: gaussian_noise       # any name of lightning_privacy.defenses, or "dpsgd"
-        strengths: [0.001, 0.01]   # the defense's main argument (std, ratio, rank, ...)
+        strengths: [0.001, 0.01]   # values of the class's `strength` (std, ratio, rank, ...)
       - name: dpsgd
         strengths: [1.0]           # noise multiplier
-        max_grad_norm: 1.0         # other keys are passed to the defense unchanged
+        max_grad_norm: 1.0         # other keys: the component's arguments, passed unchanged
         overrides:                 # optional: this entry's own data/model/training settings
           model: {lr: 0.03}        # (or dotted: `overrides: {model.lr: 0.03}`)
           data: {batch_size: 128}
     data: {dataset: digits, image_size: 32, batch_size: 64}
     model: {name: lenet, optimizer: adam, lr: 0.003}
     training: {epochs: 2, seed: 0}
-    audit:                         # InversionAudit; `audit: null` disables it
+    audit:                         # InversionAudit's arguments; `audit: null` disables it
       attack: deep_leakage         # any name of lightning_privacy.attacks
       num_samples: 1
       every_n_epochs: 1
       options: {max_iterations: 100}   # the attack's hyperparameters
-    leakage:                       # LeakageMonitor (I²F); `leakage: null` disables it
+    leakage:                       # LeakageMonitor's (I²F); `leakage: null` disables it
       estimator: exact
       num_samples: 1
       every_n_epochs: 1
     backend: local                                    # or ray
     workers: 1
+
+What a defense, the audit and the leakage monitor accept is read from the components
+(:mod:`lightning_privacy.sweep.components`), and every one of them is built once while the file
+is validated, so their own checks report a bad value at its line.
 
 Example:
     >>> config = parse_sweep_config('''
@@ -63,35 +67,35 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from lightning_privacy._validation import check_float, describe
-
-#: The main argument ("strength") of each known defense, by name.
-STRENGTH_PARAMETERS: dict[str, str] = {
-    "gaussian_noise": "std",
-    "laplace_noise": "scale",
-    "gradient_clipping": "max_norm",
-    "magnitude_pruning": "ratio",
-    "random_pruning": "ratio",
-    "low_rank": "rank",
-    "dpsgd": "noise_multiplier",
-}
-#: Strengths that must be integers.
-INTEGER_STRENGTHS = frozenset({"low_rank"})
-#: Defense names that are not gradient transforms.
-SPECIAL_DEFENSES = ("none", "dpsgd")
+from lightning_privacy.attacks import ATTACKS, create_attack
+from lightning_privacy.sweep.components import (
+    ATTACK_KEYS,
+    SPECIAL_DEFENSES,
+    audit_arguments,
+    audit_callback,
+    defense_callback,
+    defense_names,
+    defense_options,
+    integer_strength,
+    leakage_arguments,
+    leakage_callback,
+    strength_parameter,
+)
+from lightning_privacy.sweep.components import STRENGTH_PARAMETERS as STRENGTH_PARAMETERS
 
 DATASETS = ("digits", "lfw")
 MODELS = ("lenet", "resnet18")
 OPTIMIZERS = ("sgd", "adam")
 BACKENDS = ("local", "ray")
-ESTIMATORS = ("exact", "expected", "lower_bound")
 
 _SECTIONS: dict[str, dict[str, Any]] = {
     "data": {"dataset": "digits", "image_size": 32, "batch_size": 64, "val_fraction": 0.2},
@@ -112,6 +116,10 @@ _SECTIONS: dict[str, dict[str, Any]] = {
     },
 }
 _TOP_LEVEL = ("name", "defenses", "backend", "workers", *_SECTIONS)
+#: Keys of a ``defenses:`` entry that are not the component's arguments.
+_ENTRY_KEYS = ("name", "strengths", "param", "overrides")
+#: The seed the defenses are built with during validation (``training.seed`` is checked apart).
+_VALIDATION_SEED = 0
 #: Sections a ``defenses:`` entry may override for its own trials (``overrides:``).
 OVERRIDABLE_SECTIONS = ("data", "model", "training")
 
@@ -122,6 +130,10 @@ class SweepConfigError(ValueError):
     Attributes:
         key: Dotted path of the offending key, e.g. ``defenses[1].strengths[0]``.
         line: 1-based line in the file, when known.
+
+    Example:
+        >>> str(SweepConfigError("Bad.", key="workers", line=3, source="s.yaml"))
+        's.yaml, line 3, key `workers`: Bad.'
     """
 
     def __init__(
@@ -136,6 +148,20 @@ class SweepConfigError(ValueError):
         where += f", key `{key}`" if key else ""
         super().__init__(f"{where}: {message}")
         self.key, self.line, self.source = key, line, source
+
+
+def format_overrides(overrides: Mapping[str, Mapping[str, Any]]) -> str:
+    """Overridden settings ``{section: {key: value}}`` as ``section.key=value, ...``.
+
+    Example:
+        >>> format_overrides({"data": {"batch_size": 128}, "model": {"lr": 0.03}})
+        'data.batch_size=128, model.lr=0.03'
+    """
+    return ", ".join(
+        f"{section}.{key}={value}"
+        for section, values in overrides.items()
+        for key, value in values.items()
+    )
 
 
 @dataclass(frozen=True)
@@ -185,11 +211,7 @@ class TrialSpec:
     @property
     def overrides_text(self) -> str:
         """The overridden settings as ``section.key=value``, comma-separated (``""`` if none)."""
-        return ", ".join(
-            f"{section}.{key}={value}"
-            for section, values in self.overrides.items()
-            for key, value in values.items()
-        )
+        return format_overrides(self.overrides)
 
     @property
     def trial_id(self) -> str:
@@ -216,7 +238,13 @@ class TrialSpec:
 
 @dataclass(frozen=True)
 class DefenseGrid:
-    """One ``defenses:`` entry: a defense, the strengths to try and its own settings."""
+    """One ``defenses:`` entry: a defense, the strengths to try and its own settings.
+
+    Example:
+        >>> grid = parse_sweep_config("defenses: [{name: low_rank, strengths: [1, 2.0]}]")
+        >>> grid.defenses[0].strengths
+        (1, 2)
+    """
 
     name: str
     strengths: tuple[float | None, ...]
@@ -226,7 +254,13 @@ class DefenseGrid:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """A validated sweep: the grid, shared settings, backend and worker count."""
+    """A validated sweep: the grid, shared settings, backend and worker count.
+
+    Example:
+        >>> config = parse_sweep_config("{defenses: [{name: none}], workers: 2}")
+        >>> config.backend, config.workers, config.settings["leakage"]["num_samples"]
+        ('local', 2, 1)
+    """
 
     defenses: tuple[DefenseGrid, ...]
     settings: Mapping[str, Any]
@@ -248,16 +282,6 @@ class SweepConfig:
                 spec = TrialSpec(grid.name, strength, dict(grid.options), settings, overrides)
                 seen.setdefault(spec.trial_id, spec)
         return list(seen.values())
-
-
-def _known_defenses() -> list[str]:
-    try:
-        from lightning_privacy.defenses import list_defenses  # type: ignore[attr-defined]
-
-        names = list(list_defenses())
-    except ImportError:
-        names = [n for n in STRENGTH_PARAMETERS if n not in SPECIAL_DEFENSES]
-    return sorted(set(names) | set(SPECIAL_DEFENSES))
 
 
 class _Located:
@@ -300,13 +324,20 @@ class _Located:
         return SweepConfigError(message, key=key, line=self.lines.get(probe), source=self.source)
 
 
+def _suggestion(value: Any, allowed: Any) -> str:
+    """`` Did you mean 'x'?`` for the closest of ``allowed``, or ``""``."""
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
 def _unknown_keys(doc: _Located, section: Mapping[str, Any], allowed: Any, prefix: str) -> None:
     for key in section:
         if key not in allowed:
-            close = difflib.get_close_matches(str(key), list(allowed), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            options = ", ".join(repr(a) for a in allowed)
-            raise doc.error(f"{prefix}{key}", f"Unknown key {key!r}.{hint} Allowed: {options}.")
+            options = ", ".join(repr(a) for a in allowed) or "none"
+            raise doc.error(
+                f"{prefix}{key}",
+                f"Unknown key {key!r}.{_suggestion(key, allowed)} Allowed: {options}.",
+            )
 
 
 def _check_mapping(doc: _Located, value: Any, key: str) -> dict[str, Any]:
@@ -336,35 +367,61 @@ def _check_number(
     return int(value) if integer else value
 
 
-def _check_defense(doc: _Located, entry: Any, index: int, known: list[str]) -> DefenseGrid:
-    base = f"defenses[{index}]"
-    entry = _check_mapping(doc, entry, base)
+#: An argument named in a component's message (``Expected `std` to be ...``).
+_ARGUMENT = re.compile(r"`([A-Za-z_]\w*)`")
+
+T = TypeVar("T")
+
+
+def _build(
+    doc: _Located, build: Callable[[], T], *, what: str, keys: Mapping[str, str], fallback: str
+) -> T:
+    """Run a component's constructor; its error is raised at the key of the argument it names.
+
+    Args:
+        doc: The file, for the line of the key.
+        build: Builds the component with the file's values.
+        what: The component, for a message that names no argument.
+        keys: ``{argument: key in the file}``, searched in order (options before the strength).
+        fallback: The key of an error that names none of ``keys``.
+    """
+    try:
+        return build()
+    except (TypeError, ValueError, ImportError) as err:
+        message = str(err)
+        named = set(_ARGUMENT.findall(message))
+        key = next((key for argument, key in keys.items() if argument in named), None)
+        if key is None and isinstance(err, TypeError):
+            message = f"Invalid options for {what!r}: {message}"
+        raise doc.error(key or fallback, message) from None
+
+
+def _check_defense_name(doc: _Located, entry: dict[str, Any], base: str) -> str:
+    known = defense_names()
     if "name" not in entry:
         raise doc.error(base, f"Missing required key `{base}.name` (one of {', '.join(known)}).")
     name = entry["name"]
     if not isinstance(name, str) or name not in known:
-        close = difflib.get_close_matches(str(name), known, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
         raise doc.error(
             f"{base}.name",
-            f"Unknown defense {name!r}.{hint} Available: {', '.join(repr(k) for k in known)}.",
+            f"Unknown defense {name!r}.{_suggestion(name, known)} "
+            f"Available: {', '.join(repr(k) for k in known)}.",
         )
-    options = {
-        k: v for k, v in entry.items() if k not in ("name", "strengths", "param", "overrides")
-    }
-    overrides = _check_overrides(doc, entry.get("overrides", {}), f"{base}.overrides")
-    if name == "none":
-        if "strengths" in entry:
-            raise doc.error(f"{base}.strengths", "The defense 'none' takes no strengths.")
-        if options:
-            raise doc.error(f"{base}.{next(iter(options))}", "The defense 'none' takes no options.")
-        return DefenseGrid(name, (None,), {}, overrides)
+    if name not in SPECIAL_DEFENSES and strength_parameter(name) is None:
+        raise doc.error(
+            f"{base}.name",
+            f"The defense {name!r} declares no `strength` (the argument a sweep varies): give "
+            "its class a `strength` ClassVar naming it.",
+        )
+    return name
+
+
+def _check_strengths(doc: _Located, entry: dict[str, Any], name: str, base: str) -> tuple[Any, ...]:
     if "strengths" not in entry:
-        param = STRENGTH_PARAMETERS.get(name, "strength")
         raise doc.error(
             base,
             f"Missing required key `{base}.strengths`: a list of values of the defense's "
-            f"`{param}`, e.g. `strengths: [0.01, 0.1]`.",
+            f"`{strength_parameter(name)}`, e.g. `strengths: [0.01, 0.1]`.",
         )
     raw = entry["strengths"]
     if not isinstance(raw, list) or not raw:
@@ -372,29 +429,41 @@ def _check_defense(doc: _Located, entry: Any, index: int, known: list[str]) -> D
             f"{base}.strengths",
             f"Expected `strengths` to be a non-empty list of numbers, but got {describe(raw)}.",
         )
-    strengths = tuple(
-        _check_number(
-            doc, f"{base}.strengths[{i}]", s, name="strength", integer=name in INTEGER_STRENGTHS
-        )
+    integer = integer_strength(name)
+    return tuple(
+        _check_number(doc, f"{base}.strengths[{i}]", s, name="strength", integer=integer)
         for i, s in enumerate(raw)
     )
-    if name == "dpsgd":
-        _unknown_keys(
-            doc,
-            options,
-            ("max_grad_norm", "accountant", "target_delta", "poisson_sampling", "grad_sample_mode"),
-            f"{base}.",
-        )
-        if "max_grad_norm" in options:
-            _check_number(
-                doc,
-                f"{base}.max_grad_norm",
-                options["max_grad_norm"],
-                name="max_grad_norm",
-                positive=True,
-            )
-    else:
-        _check_transform(doc, name, strengths, options, base)
+
+
+def _check_defense_options(
+    doc: _Located, name: str, strengths: tuple[Any, ...], options: dict[str, Any], base: str
+) -> None:
+    """Build the entry's component at every strength, so its own checks run before training."""
+    allowed = defense_options(name)
+    if allowed is not None:
+        _unknown_keys(doc, options, allowed, f"{base}.")
+    keys = {option: f"{base}.{option}" for option in options}
+    for i, strength in enumerate(strengths):
+        build = partial(defense_callback, name, strength, options, seed=_VALIDATION_SEED)
+        located = {**keys, str(strength_parameter(name)): f"{base}.strengths[{i}]"}
+        _build(doc, build, what=name, keys=located, fallback=base)
+
+
+def _check_defense(doc: _Located, entry: Any, index: int) -> DefenseGrid:
+    base = f"defenses[{index}]"
+    entry = _check_mapping(doc, entry, base)
+    name = _check_defense_name(doc, entry, base)
+    options = {k: v for k, v in entry.items() if k not in _ENTRY_KEYS}
+    overrides = _check_overrides(doc, entry.get("overrides", {}), f"{base}.overrides")
+    if name == "none":
+        if "strengths" in entry:
+            raise doc.error(f"{base}.strengths", "The defense 'none' takes no strengths.")
+        if options:
+            raise doc.error(f"{base}.{next(iter(options))}", "The defense 'none' takes no options.")
+        return DefenseGrid(name, (None,), {}, overrides)
+    strengths = _check_strengths(doc, entry, name, base)
+    _check_defense_options(doc, name, strengths, options, base)
     return DefenseGrid(name, strengths, options, overrides)
 
 
@@ -422,26 +491,6 @@ def _check_overrides(doc: _Located, raw: Any, base: str) -> dict[str, dict[str, 
             overrides.setdefault(section, {})[name] = item
     _check_core_values(doc, overrides, f"{base}.")
     return {section: overrides[section] for section in sorted(overrides)}
-
-
-def _check_transform(
-    doc: _Located, name: str, strengths: tuple[Any, ...], options: dict[str, Any], base: str
-) -> None:
-    """Build each transform once, so the component's own checks run before the sweep starts."""
-    try:
-        from lightning_privacy.defenses import create_defense  # type: ignore[attr-defined]
-    except ImportError:
-        return
-    param = STRENGTH_PARAMETERS.get(name)
-    if param is None:
-        raise doc.error(f"{base}.name", f"The defense {name!r} has no known strength argument.")
-    for i, strength in enumerate(strengths):
-        try:
-            create_defense(name, **{param: strength}, **options)
-        except TypeError as err:
-            raise doc.error(base, f"Invalid options for {name!r}: {err}") from None
-        except ValueError as err:
-            raise doc.error(f"{base}.strengths[{i}]", str(err)) from None
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -493,6 +542,12 @@ def _check_core_values(doc: _Located, sections: Mapping[str, Any], prefix: str) 
                 )
 
 
+def _allowed_keys(section: str) -> tuple[str, ...]:
+    """A shared section's keys: its defaults, and for audit/leakage the callback's arguments."""
+    derived = {"audit": audit_arguments, "leakage": leakage_arguments}.get(section)
+    return tuple(dict.fromkeys([*_SECTIONS[section], *(derived() if derived else ())]))
+
+
 def _check_settings(doc: _Located, data: dict[str, Any]) -> dict[str, Any]:
     settings: dict[str, Any] = {}
     for section, defaults in _SECTIONS.items():
@@ -501,80 +556,29 @@ def _check_settings(doc: _Located, data: dict[str, Any]) -> dict[str, Any]:
             settings[section] = None
             continue
         raw = _check_mapping(doc, raw if raw is not None else {}, section)
-        _unknown_keys(doc, raw, defaults, f"{section}.")
+        _unknown_keys(doc, raw, _allowed_keys(section), f"{section}.")
         settings[section] = {**defaults, **raw}
     _check_core_values(doc, settings, "")
-    audit = settings["audit"]
-    if audit is not None:
-        _check_number(
-            doc,
-            "audit.num_samples",
-            audit["num_samples"],
-            name="num_samples",
-            integer=True,
-            positive=True,
-        )
-        _check_number(
-            doc,
-            "audit.max_seconds",
-            audit["max_seconds"],
-            name="max_seconds",
-            positive=True,
-            optional=True,
-        )
-        _check_number(
-            doc,
-            "audit.every_n_epochs",
-            audit["every_n_epochs"],
-            name="every_n_epochs",
-            integer=True,
-            positive=True,
-        )
-        _check_mapping(doc, audit["options"], "audit.options")
-        _check_attack(doc, audit["attack"], audit["options"])
-    leakage = settings["leakage"]
-    if leakage is not None:
-        for key in ("num_samples", "num_delta_samples", "every_n_epochs"):
-            _check_number(
-                doc, f"leakage.{key}", leakage[key], name=key, integer=True, positive=True
-            )
-    if leakage is not None and leakage["estimator"] not in ESTIMATORS:
-        allowed = ", ".join(repr(c) for c in ESTIMATORS)
-        raise doc.error(
-            "leakage.estimator",
-            f"Expected `leakage.estimator` to be one of "
-            f"{allowed}, but got {describe(leakage['estimator'])}.",
-        )
+    seed = settings["training"]["seed"]
+    if settings["audit"] is not None:
+        _check_audit(doc, settings["audit"], seed)
+    if settings["leakage"] is not None:
+        leakage = settings["leakage"]
+        build = partial(leakage_callback, leakage, seed=seed)
+        keys = {name: f"leakage.{name}" for name in leakage}
+        _build(doc, build, what="LeakageMonitor", keys=keys, fallback="leakage")
     return settings
 
 
-def _check_attack(doc: _Located, attack: Any, options: dict[str, Any]) -> None:
-    try:
-        from lightning_privacy.attacks import (  # type: ignore[attr-defined]
-            create_attack,
-            list_attacks,
-        )
-    except ImportError:
-        if not isinstance(attack, str):
-            raise doc.error(
-                "audit.attack",
-                f"Expected `audit.attack` to be an attack name, but got {describe(attack)}.",
-            ) from None
-        return
-    names = list(list_attacks())
-    if attack not in names:
-        close = difflib.get_close_matches(str(attack), names, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise doc.error(
-            "audit.attack",
-            f"Unknown attack {attack!r}.{hint} Available: {', '.join(repr(n) for n in names)}.",
-        )
-    try:  # the attack's own checks, before anything runs
-        create_attack(attack, **options)
-    except TypeError as err:
-        raise doc.error("audit.options", f"Invalid options for {attack!r}: {err}") from None
-    except ValueError as err:
-        raise doc.error("audit.options", str(err)) from None
+def _check_audit(doc: _Located, audit: dict[str, Any], seed: int) -> None:
+    """The attack's name, its options (the attack's own checks), then ``InversionAudit``'s."""
+    attack, options = audit["attack"], _check_mapping(doc, audit["options"], "audit.options")
+    _build(doc, partial(ATTACKS.get, attack), what="audit", keys={}, fallback="audit.attack")
+    build_attack = partial(create_attack, attack, **options)
+    _build(doc, build_attack, what=str(attack), keys={}, fallback="audit.options")
+    build = partial(audit_callback, audit, seed=seed)
+    keys = {name: f"audit.{name}" for name in audit if name not in ATTACK_KEYS}
+    _build(doc, build, what="InversionAudit", keys=keys, fallback="audit")
 
 
 def ray_available() -> bool:
@@ -634,6 +638,14 @@ def parse_sweep_config(
 
     Raises:
         SweepConfigError: On the first problem, naming the line and key.
+
+    Example:
+        >>> text = "defenses: [{name: dpsgd, strengths: [1.0], accountant: foo}]"
+        >>> try:
+        ...     parse_sweep_config(text, source="s.yaml")
+        ... except SweepConfigError as err:
+        ...     print(err.key, err.line)
+        defenses[0].accountant 1
     """
     doc = _Located(text, source)
     data = doc.data
@@ -653,8 +665,7 @@ def parse_sweep_config(
             "defenses",
             f"Expected `defenses` to be a non-empty list, but got {describe(raw_defenses)}.",
         )
-    known = _known_defenses()
-    grids = tuple(_check_defense(doc, e, i, known) for i, e in enumerate(raw_defenses))
+    grids = tuple(_check_defense(doc, e, i) for i, e in enumerate(raw_defenses))
     settings = _check_settings(doc, data)
     workers = _check_number(
         doc, "workers", data.get("workers", 1), name="workers", integer=True, positive=True

@@ -1,7 +1,8 @@
 """Privacy-utility Pareto fronts and their plots (matplotlib, Agg backend).
 
 A configuration is on the front when no other one has both higher validation accuracy and less
-leakage (lower attack PSNR, or lower ε).
+leakage (lower attack PSNR, or lower ε). :func:`pareto_figure` draws a plot in memory (the report
+embeds it); :func:`write_pareto_plots` writes the PNG files of a sweep (the runner calls it).
 
 Example:
     >>> pareto_front([(30.0, 0.9), (20.0, 0.8), (25.0, 0.7), (10.0, 0.5)])
@@ -10,10 +11,13 @@ Example:
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from lightning_privacy.sweep.results import write_atomic
 
 #: Pareto plots a sweep writes: file name, x key, x label, log scale.
 PARETO_PLOTS = (
@@ -72,50 +76,79 @@ def defense_colours(results: Sequence[Mapping[str, Any]]) -> dict[str, tuple[flo
     return {name: tuple(tab10(i % 10)) for i, name in enumerate(names)}
 
 
-def plot_pareto(
-    results: Sequence[Mapping[str, Any]],
-    x_key: str,
-    x_label: str,
-    path: str | Path,
-    *,
-    log_x: bool = False,
-    title: str | None = None,
-) -> Path:
-    """Scatter ``val_acc`` against ``x_key`` per trial, colour by defense, line through the front.
-
-    Trials without a finite ``x_key`` (no attack run, ε undefined) are listed in the figure's
-    note instead of being plotted. The PNG is written even when nothing can be plotted.
+def agg_pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (no display needed).
 
     Example:
-        >>> import tempfile, os
-        >>> rows = [{"defense": "none", "label": "none", "val_acc": 0.9, "attack_psnr": 40.0},
-        ...         {"defense": "gaussian_noise", "label": "gaussian_noise=0.1",
-        ...          "val_acc": 0.7, "attack_psnr": 12.0}]
-        >>> with tempfile.TemporaryDirectory() as d:
-        ...     p = plot_pareto(rows, "attack_psnr", "PSNR", os.path.join(d, "p.png"))
-        ...     p.stat().st_size > 1000
-        True
+        >>> agg_pyplot().get_backend().lower()
+        'agg'
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    points, labels, defenses, skipped = [], [], [], []
+    return plt
+
+
+def figure_png(fig: Any) -> bytes:
+    """A matplotlib figure as PNG bytes; the figure is closed.
+
+    Example:
+        >>> fig, _ = agg_pyplot().subplots(figsize=(1, 1))
+        >>> figure_png(fig)[1:4]
+        b'PNG'
+    """
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    agg_pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def _plotted_points(
+    results: Sequence[Mapping[str, Any]], x_key: str, log_x: bool
+) -> tuple[list[tuple[float, float]], list[Mapping[str, Any]], list[str]]:
+    """The ``(x, val_acc)`` points, their rows, and the labels of the rows that cannot be drawn."""
+    points, rows, skipped = [], [], []
     for row in results:
         x, y = _number(row.get(x_key)), _number(row.get("val_acc"))
         if x is None or y is None or (log_x and x <= 0):
             skipped.append(str(row.get("label", row.get("trial_id", "?"))))
             continue
         points.append((x, y))
-        labels.append(str(row.get("label", "")))
-        defenses.append(str(row.get("defense", "")))
-    fig, ax = plt.subplots(figsize=(5.6, 4.0), dpi=80)
+        rows.append(row)
+    return points, rows, skipped
+
+
+def pareto_figure(
+    results: Sequence[Mapping[str, Any]],
+    x_key: str,
+    x_label: str,
+    *,
+    log_x: bool = False,
+    title: str | None = None,
+) -> Any:
+    """Scatter ``val_acc`` against ``x_key`` per trial, colour by defense, line through the front.
+
+    Trials without a finite ``x_key`` (no attack run, ε undefined) are listed in the figure's
+    note instead of being plotted.
+
+    Example:
+        >>> fig = pareto_figure([{"defense": "none", "val_acc": 0.9, "attack_psnr": 40.0}],
+        ...                     "attack_psnr", "PSNR")
+        >>> fig.axes[0].get_xlabel()
+        'PSNR'
+        >>> agg_pyplot().close(fig)
+    """
+    points, rows, skipped = _plotted_points(results, x_key, log_x)
+    fig, ax = agg_pyplot().subplots(figsize=(5.6, 4.0), dpi=80)
     colours = defense_colours(results)
-    for (x, y), label, defense in zip(points, labels, defenses, strict=True):
+    defenses = [str(row.get("defense", "")) for row in rows]
+    for (x, y), row, defense in zip(points, rows, defenses, strict=True):
         ax.scatter(x, y, color=colours[defense], s=36, zorder=3)
-        ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(
+            str(row.get("label", "")), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points"
+        )
     for defense in dict.fromkeys(defenses):
         ax.scatter([], [], color=colours[defense], label=defense)
     if points:
@@ -141,14 +174,45 @@ def plot_pareto(
         fig.text(0.01, 0.01, note[:140], fontsize=6, color="grey")
     ax.grid(alpha=0.3)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
+
+
+def plot_pareto(
+    results: Sequence[Mapping[str, Any]],
+    x_key: str,
+    x_label: str,
+    path: str | Path,
+    *,
+    log_x: bool = False,
+    title: str | None = None,
+) -> Path:
+    """Write :func:`pareto_figure` as a PNG file, even when nothing can be plotted.
+
+    Example:
+        >>> import tempfile, os
+        >>> rows = [{"defense": "none", "label": "none", "val_acc": 0.9, "attack_psnr": 40.0},
+        ...         {"defense": "gaussian_noise", "label": "gaussian_noise=0.1",
+        ...          "val_acc": 0.7, "attack_psnr": 12.0}]
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     p = plot_pareto(rows, "attack_psnr", "PSNR", os.path.join(d, "p.png"))
+        ...     p.stat().st_size > 1000
+        True
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    fig = pareto_figure(results, x_key, x_label, log_x=log_x, title=title)
+    return write_atomic(path, figure_png(fig))
 
 
 def write_pareto_plots(results: Sequence[Mapping[str, Any]], out_dir: str | Path) -> list[Path]:
-    """Write every plot of :data:`PARETO_PLOTS` into ``out_dir``."""
+    """Write every plot of :data:`PARETO_PLOTS` into ``out_dir``.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     [p.name for p in write_pareto_plots([], d)][0]
+        'pareto_attack_psnr.png'
+    """
     return [
         plot_pareto(results, key, label, Path(out_dir) / name, log_x=log_x)
         for name, key, label, log_x in PARETO_PLOTS

@@ -9,6 +9,8 @@ Outputs in the run directory:
 * ``report.html`` -- the self-contained report (:mod:`lightning_privacy.report`);
 * ``sweep.json`` (the validated configuration) and ``events.log`` (trial starts and finishes).
 
+Reading them back is :mod:`lightning_privacy.sweep.results`.
+
 Example:
     >>> import tempfile
     >>> from lightning_privacy.sweep.config import parse_sweep_config
@@ -22,8 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
-import json
 import multiprocessing
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -42,17 +42,34 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from lightning_privacy.report import write_report
 from lightning_privacy.sweep.config import SweepConfig, TrialSpec, check_backend
 from lightning_privacy.sweep.pareto import write_pareto_plots
-from lightning_privacy.sweep.trial import (
-    RESULT_COLUMNS,
+from lightning_privacy.sweep.results import (
+    RESULTS_CSV,
+    TrialResult,
     load_finished,
-    log_event,
-    safe_run_trial,
-    write_json_atomic,
+    load_results,
+    read_results_csv,
+    trial_dir,
+    write_results_csv,
+    write_sweep_record,
 )
+from lightning_privacy.sweep.trial import log_event, safe_run_trial
 
-TrialFn = Callable[[Mapping[str, Any], str], dict[str, Any]]
+__all__ = [
+    "TrialFn",
+    "load_results",
+    "progress_bar",
+    "read_results_csv",
+    "run_sweep",
+    "write_results_csv",
+]
+
+#: A trial function: ``(spec as a dict, run directory) -> result dict`` (``result.json``'s).
+TrialFn = Callable[[Mapping[str, Any], str], Mapping[str, Any]]
+#: Called with each trial and its result as the trial function returned it.
+_OnDone = Callable[[TrialSpec, Mapping[str, Any]], None]
 
 
 def progress_bar(console: Console | None = None, *, disable: bool = False) -> Progress:
@@ -75,44 +92,13 @@ def progress_bar(console: Console | None = None, *, disable: bool = False) -> Pr
     )
 
 
-def write_results_csv(results: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """Write the :data:`~lightning_privacy.sweep.trial.RESULT_COLUMNS` of every result.
-
-    Example:
-        >>> import tempfile, os
-        >>> with tempfile.TemporaryDirectory() as d:
-        ...     p = write_results_csv([{"trial_id": "a", "val_acc": 0.5}], os.path.join(d, "r.csv"))
-        ...     p.read_text().splitlines()[1]
-        'a,,,0.5,,,,,,'
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(RESULT_COLUMNS)
-        for row in results:
-            writer.writerow(["" if row.get(c) is None else row.get(c) for c in RESULT_COLUMNS])
-    tmp.replace(path)
-    return path
-
-
-def read_results_csv(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a ``results.csv`` as dicts of strings."""
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def _run_local(
-    pending: list[TrialSpec],
-    out_dir: Path,
-    workers: int,
-    trial_fn: TrialFn,
-    on_done: Callable[[TrialSpec, dict[str, Any]], None],
+    pending: list[TrialSpec], out_dir: Path, workers: int, trial_fn: TrialFn, on_done: _OnDone
 ) -> None:
     """Each trial in a fresh spawned process (``workers`` at a time)."""
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures: dict[Future[dict[str, Any]], TrialSpec] = {
+        futures: dict[Future[Mapping[str, Any]], TrialSpec] = {
             pool.submit(trial_fn, spec.to_dict(), str(out_dir)): spec for spec in pending
         }
         remaining = set(futures)
@@ -135,12 +121,7 @@ def _ray_trainable(config: dict[str, Any]) -> None:
     tune.report(scalars)
 
 
-def _run_ray(
-    pending: list[TrialSpec],
-    out_dir: Path,
-    workers: int,
-    on_done: Callable[[TrialSpec, dict[str, Any]], None],
-) -> None:
+def _run_ray(pending: list[TrialSpec], out_dir: Path, workers: int, on_done: _OnDone) -> None:
     """The pending trials as one Ray Tune grid (one CPU each, ``workers`` concurrent).
 
     On a cluster, start Ray first (``ray start``/``RAY_ADDRESS``) and the same call scales out;
@@ -177,20 +158,58 @@ def _run_ray(
         if started_here:
             ray.shutdown()
     for spec in pending:
-        result = load_finished(out_dir, spec)
-        on_done(spec, result if result is not None else _failed(spec, out_dir))
+        result = load_finished(out_dir, spec) or _failed(spec, out_dir)
+        on_done(spec, result.to_dict())
 
 
-def _failed(spec: TrialSpec, out_dir: Path) -> dict[str, Any]:
-    error = out_dir / "trials" / spec.trial_id / "error.txt"
+def _failed(spec: TrialSpec, out_dir: Path) -> TrialResult:
+    """The result of a trial that left no ``result.json``: the last line of its ``error.txt``."""
+    error = trial_dir(out_dir, spec.trial_id) / "error.txt"
     reason = error.read_text().strip().splitlines()[-1] if error.is_file() else "no result"
-    return {
-        "trial_id": spec.trial_id,
-        "label": spec.label,
-        "defense": spec.defense,
-        "strength": spec.strength,
-        "status": f"failed: {reason}",
-    }
+    return TrialResult.failed(spec, reason)
+
+
+def _run_in_process(
+    pending: list[TrialSpec],
+    out_dir: Path,
+    trial_fn: TrialFn,
+    on_done: _OnDone,
+    show: Callable[[str], None],
+) -> None:
+    """The trials one by one in this process; ``show`` gets what is training (epoch by epoch)."""
+    for spec in pending:
+        show(f"training {spec.label}")
+
+        def epoch(done: int, total: int, label: str = spec.label) -> None:
+            show(f"training {label}: epoch {done}/{total}")
+
+        result: Mapping[str, Any]
+        if trial_fn is safe_run_trial:
+            result = safe_run_trial(spec.to_dict(), str(out_dir), progress=epoch)
+        else:
+            result = trial_fn(spec.to_dict(), str(out_dir))
+        on_done(spec, result)
+
+
+def _finished_trials(specs: Sequence[TrialSpec], out_dir: Path) -> dict[str, Mapping[str, Any]]:
+    """The results of the trials that finished in an earlier run, by trial id (logged as skips)."""
+    finished: dict[str, Mapping[str, Any]] = {}
+    for spec in specs:
+        result = load_finished(out_dir, spec)
+        if result is not None:
+            finished[spec.trial_id] = result.to_dict()
+            log_event(out_dir, f"skip {spec.trial_id} (finished)")
+    return finished
+
+
+def _write_outputs(
+    specs: Sequence[TrialSpec], results: Sequence[Mapping[str, Any]], out_dir: Path, title: str
+) -> None:
+    """``results.csv``, the Pareto plots and ``report.html`` of the whole grid."""
+    rows = [TrialResult.from_dict(r, spec=s) for s, r in zip(specs, results, strict=True)]
+    write_results_csv(rows, out_dir / RESULTS_CSV)
+    write_pareto_plots([r.to_dict() for r in rows if r.ok], out_dir)
+    write_report(out_dir, results=rows, title=title)
 
 
 def run_sweep(
@@ -219,7 +238,22 @@ def run_sweep(
         title: Report title.
 
     Returns:
-        The results of every trial of the grid, in grid order.
+        The result of every trial of the grid, in grid order: as the trial function returned
+        it, or the stored ``result.json`` of a trial that had finished before.
+
+    Example:
+        >>> import os, tempfile
+        >>> from lightning_privacy.sweep.config import parse_sweep_config
+        >>> config = parse_sweep_config("defenses: [{name: gaussian_noise, strengths: [0.1]}]")
+        >>> failing = lambda spec, out: {"status": "failed: no GPU"}
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     rows = run_sweep(config, d, trial_fn=failing, in_process=True, progress=False)
+        ...     files = sorted(f for f in os.listdir(d) if not f.startswith("pareto"))
+        ...     row = read_results_csv(os.path.join(d, "results.csv"))[0]
+        >>> files, rows
+        (['report.html', 'results.csv', 'sweep.json'], [{'status': 'failed: no GPU'}])
+        >>> row["defense"], row["strength"], row["status"]  # the identity comes from the spec
+        ('gaussian_noise', '0.1', 'failed: no GPU')
     """
     backend = check_backend(backend or config.backend, key="--backend")
     workers = workers or config.workers
@@ -227,70 +261,28 @@ def run_sweep(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     title = title or f"lightning-privacy sweep: {config.name}"
-    write_json_atomic(out / "sweep.json", {**asdict(config), "title": title})
+    write_sweep_record(out, {**asdict(config), "title": title})
     specs = config.trials()
-    results: dict[str, dict[str, Any]] = {}
-    for spec in specs:
-        finished = load_finished(out, spec)
-        if finished is not None:
-            results[spec.trial_id] = finished
-            log_event(out, f"skip {spec.trial_id} (finished)")
+    results: dict[str, Mapping[str, Any]] = _finished_trials(specs, out)
     pending = [s for s in specs if s.trial_id not in results]
     if results:
         console.print(f"Resuming: {len(results)} finished trial(s) skipped, {len(pending)} to run.")
     with progress_bar(console, disable=not progress) as bar:
         task = bar.add_task(f"sweep ({backend})", total=len(specs), completed=len(results))
 
-        def on_done(spec: TrialSpec, result: dict[str, Any]) -> None:
+        def on_done(spec: TrialSpec, result: Mapping[str, Any]) -> None:
             results[spec.trial_id] = result
             bar.update(task, advance=1, description=f"done {spec.label}")
 
-        if not pending:
-            pass
-        elif in_process:
-            for spec in pending:
-                bar.update(task, description=f"training {spec.label}")
+        def show(text: str) -> None:
+            bar.update(task, description=text)
 
-                def show(epoch: int, total: int, label: str = spec.label) -> None:
-                    bar.update(task, description=f"training {label}: epoch {epoch}/{total}")
-
-                if trial_fn is safe_run_trial:
-                    result = safe_run_trial(spec.to_dict(), str(out), progress=show)
-                else:
-                    result = trial_fn(spec.to_dict(), str(out))
-                on_done(spec, result)
-        elif backend == "ray":
+        if in_process:
+            _run_in_process(pending, out, trial_fn, on_done, show)
+        elif pending and backend == "ray":
             _run_ray(pending, out, workers, on_done)
-        else:
+        elif pending:
             _run_local(pending, out, workers, trial_fn, on_done)
-    ordered = [results[s.trial_id] for s in specs]
-    write_results_csv(ordered, out / "results.csv")
-    write_pareto_plots([r for r in ordered if r.get("status") == "ok"], out)
-    from lightning_privacy.report import write_report
-
-    write_report(out, results=ordered, title=title)
+    ordered = [dict(results[s.trial_id]) for s in specs]
+    _write_outputs(specs, ordered, out, title)
     return ordered
-
-
-def load_results(out_dir: str | Path) -> list[dict[str, Any]]:
-    """Results of a run directory: every ``trials/*/result.json``, in ``results.csv`` order.
-
-    Example:
-        >>> import tempfile
-        >>> with tempfile.TemporaryDirectory() as d:
-        ...     load_results(d)
-        []
-    """
-    out = Path(out_dir)
-    found: dict[str, dict[str, Any]] = {}
-    for path in sorted(out.glob("trials/*/result.json")):
-        try:
-            result = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        found[str(result.get("trial_id", path.parent.name))] = result
-    order: list[str] = []
-    if (out / "results.csv").is_file():
-        order = [row["trial_id"] for row in read_results_csv(out / "results.csv")]
-    ranked = [found[t] for t in order if t in found]
-    return ranked + [r for t, r in found.items() if t not in order]

@@ -1,4 +1,4 @@
-"""One trial of a sweep: train, defend, audit, and write ``result.json`` atomically.
+"""One trial of a sweep: train, defend, audit, and store its ``result.json`` atomically.
 
 The same :func:`run_trial` runs in a local process, in the demo's own process and inside a Ray
 Tune worker, so every backend produces the same files. A trial is finished exactly when its
@@ -6,9 +6,8 @@ Tune worker, so every backend produces the same files. A trial is finished exact
 
 Example:
     >>> from lightning_privacy.sweep.config import TrialSpec
-    >>> spec = TrialSpec("gaussian_noise", 0.1)
-    >>> build_transforms(spec)[0].std if build_transforms(spec) else 0.1
-    0.1
+    >>> build_transforms(TrialSpec("gaussian_noise", 0.1))
+    [GaussianNoise(std=0.1)]
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 import traceback
 import warnings
@@ -26,114 +24,88 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import Callback
 
-from lightning_privacy.sweep.config import STRENGTH_PARAMETERS, TrialSpec
-
-RESULT_FILE = "result.json"
-EVENTS_FILE = "events.log"
-#: Columns of ``results.csv``, in order.
-RESULT_COLUMNS = (
-    "trial_id",
-    "defense",
-    "strength",
-    "val_acc",
-    "epsilon",
-    "attack_psnr",
-    "attack_ssim",
-    "predicted_psnr",
-    "seconds",
-    "status",
+from lightning_privacy.defenses import GradientTransform
+from lightning_privacy.sweep.components import (
+    NO_DEFENSE,
+    SPECIAL_DEFENSES,
+    audit_callback,
+    build_transform,
+    defense_callback,
+    leakage_callback,
 )
+from lightning_privacy.sweep.config import TrialSpec
+from lightning_privacy.sweep.results import (
+    RESULT_COLUMNS,
+    RESULT_FILE,
+    TrialResult,
+    load_finished,
+    trial_dir,
+    write_json_atomic,
+    write_result,
+)
+
+__all__ = [
+    "EVENTS_FILE",
+    "RESULT_COLUMNS",
+    "RESULT_FILE",
+    "build_callbacks",
+    "build_transforms",
+    "load_finished",
+    "log_event",
+    "quiet_lightning",
+    "run_trial",
+    "safe_run_trial",
+    "write_json_atomic",
+]
+
+EVENTS_FILE = "events.log"
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+#: The measurement fields of a result and the logged scalar each one is the last value of.
+_MEASURED = {
+    "val_acc": "val/acc",
+    "epsilon": "privacy/epsilon",
+    "attack_psnr": "attack/psnr",
+    "attack_ssim": "attack/ssim",
+    "predicted_psnr": "leakage/predicted_psnr",
+}
 
 
-def _callback_class(name: str) -> Any:
-    """The callback class ``name`` if its issue has landed, else ``None``."""
-    try:
-        import lightning_privacy.callbacks as callbacks
-    except ImportError:  # pragma: no cover - the package always exists
-        return None
-    return getattr(callbacks, name, None)
-
-
-def build_transforms(spec: TrialSpec) -> list[Any]:
+def build_transforms(spec: TrialSpec) -> list[GradientTransform]:
     """The gradient transforms of a trial (empty for ``none`` and ``dpsgd``).
-
-    Returns an empty list when the defense registry is not available yet.
-    """
-    if spec.defense in ("none", "dpsgd"):
-        return []
-    try:
-        from lightning_privacy.defenses import create_defense  # type: ignore[attr-defined]
-    except ImportError:
-        return []
-    param = STRENGTH_PARAMETERS[spec.defense]
-    return [create_defense(spec.defense, **{param: spec.strength}, **dict(spec.options))]
-
-
-def build_callbacks(spec: TrialSpec) -> tuple[list[Any], list[str]]:
-    """Callbacks of a trial and the names of the pieces that are not available (yet).
 
     Example:
         >>> from lightning_privacy.sweep.config import TrialSpec
-        >>> callbacks, missing = build_callbacks(TrialSpec("none", None, {}, {}))
-        >>> isinstance(callbacks, list) and isinstance(missing, list)
-        True
+        >>> build_transforms(TrialSpec("low_rank", 2)), build_transforms(TrialSpec("dpsgd", 1.0))
+        ([LowRankFiltering(rank=2)], [])
     """
-    callbacks: list[Any] = []
-    missing: list[str] = []
-    settings = spec.settings
-    if spec.defense == "dpsgd":
-        dpsgd = _callback_class("DPSGD")
-        if dpsgd is None:
-            missing.append("DPSGD")
-        else:
-            options = dict(spec.options)
-            options.setdefault("max_grad_norm", 1.0)
-            callbacks.append(dpsgd(noise_multiplier=spec.strength, **options))
-    elif spec.defense != "none":
-        defense = _callback_class("GradientDefense")
-        transforms = build_transforms(spec)
-        if defense is None or not transforms:
-            missing.append("GradientDefense")
-        else:
-            callbacks.append(defense(transforms, seed=int(settings.get("training", {})["seed"])))
-    audit_settings = settings.get("audit")
-    if audit_settings is not None:
-        audit = _callback_class("InversionAudit")
-        if audit is None:
-            missing.append("InversionAudit")
-        else:
-            attack: Any = audit_settings["attack"]
-            if audit_settings.get("options"):
-                from lightning_privacy.attacks import create_attack  # type: ignore[attr-defined]
+    if spec.defense in SPECIAL_DEFENSES or spec.strength is None:
+        return []
+    return [build_transform(spec.defense, spec.strength, spec.options)]
 
-                attack = create_attack(attack, **audit_settings["options"])
-            callbacks.append(
-                audit(
-                    attack,
-                    every_n_epochs=int(audit_settings["every_n_epochs"]),
-                    num_samples=int(audit_settings["num_samples"]),
-                    max_seconds=audit_settings.get("max_seconds"),
-                    seed=int(settings["training"]["seed"]),
-                )
-            )
-    leakage_settings = settings.get("leakage")
-    if leakage_settings is not None:
-        monitor = _callback_class("LeakageMonitor")
-        if monitor is None:
-            missing.append("LeakageMonitor")
-        else:
-            callbacks.append(
-                monitor(
-                    every_n_epochs=int(leakage_settings["every_n_epochs"]),
-                    num_samples=int(leakage_settings["num_samples"]),
-                    estimator=leakage_settings["estimator"],
-                    num_delta_samples=int(leakage_settings["num_delta_samples"]),
-                    seed=int(settings["training"]["seed"]),
-                )
-            )
-    return callbacks, missing
+
+def build_callbacks(spec: TrialSpec) -> list[Callback]:
+    """The callbacks of a trial: its defense, then the audit and the leakage monitor if enabled.
+
+    Every callback is built from its section with the sweep's training seed
+    (:mod:`lightning_privacy.sweep.components`).
+
+    Example:
+        >>> from lightning_privacy.sweep.config import parse_sweep_config
+        >>> spec = parse_sweep_config("defenses: [{name: dpsgd, strengths: [1.0]}]").trials()[0]
+        >>> [type(c).__name__ for c in build_callbacks(spec)]
+        ['DPSGD', 'InversionAudit', 'LeakageMonitor']
+    """
+    settings = spec.settings
+    seed = int(settings["training"]["seed"])
+    audit, leakage = settings.get("audit"), settings.get("leakage")
+    callbacks = [
+        defense_callback(spec.defense, spec.strength, spec.options, seed=seed),
+        None if audit is None else audit_callback(audit, seed=seed),
+        None if leakage is None else leakage_callback(leakage, seed=seed),
+    ]
+    return [callback for callback in callbacks if callback is not None]
 
 
 def _build_model_and_data(settings: Mapping[str, Any]) -> tuple[Any, Any]:
@@ -227,7 +199,14 @@ def _finite_or_none(value: Any) -> float | None:
 
 
 def quiet_lightning() -> None:
-    """Silence Lightning's per-Trainer banners (GPU available, tips); warnings still show."""
+    """Silence Lightning's per-Trainer banners (GPU available, tips); warnings still show.
+
+    Example:
+        >>> import logging
+        >>> quiet_lightning()
+        >>> logging.getLogger("lightning.pytorch").level == logging.WARNING
+        True
+    """
     for name in ("lightning.pytorch", "lightning.fabric", "lightning_privacy"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -235,29 +214,76 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
 
 
-def log_event(out_dir: Path, message: str) -> None:
-    """Append one line to the sweep's ``events.log`` (trial starts, finishes, skips)."""
-    with open(out_dir / EVENTS_FILE, "a") as handle:
+def log_event(out_dir: str | Path, message: str) -> None:
+    """Append one line to the sweep's ``events.log`` (trial starts, finishes, skips).
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     log_event(d, "start none-1")
+        ...     (Path(d) / EVENTS_FILE).read_text().split()[1:]
+        ['start', 'none-1']
+    """
+    with open(Path(out_dir) / EVENTS_FILE, "a") as handle:
         handle.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that a reader never sees a partial file (write, then rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+def _trainer(
+    settings: Mapping[str, Any], callbacks: list[Callback], logger: Any, root: Path
+) -> Any:
+    """The Lightning Trainer of a trial: CPU, one device, nothing written but under ``root``."""
+    import lightning as L
+
+    training = settings["training"]
+    limit = training.get("limit_train_batches")
+    return L.Trainer(
+        max_epochs=int(training["epochs"]),
+        limit_train_batches=limit if limit is not None else 1.0,
+        callbacks=callbacks,
+        logger=logger,
+        accelerator="cpu",
+        devices=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        default_root_dir=str(root),
+    )
 
 
-def load_finished(out_dir: Path, spec: TrialSpec) -> dict[str, Any] | None:
-    """The stored result of ``spec`` if it finished with the same fingerprint, else ``None``."""
-    path = out_dir / "trials" / spec.trial_id / RESULT_FILE
-    if not path.is_file():
-        return None
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return result if result.get("fingerprint") == spec.fingerprint else None
+def _fit(trainer: Any, module: Any, datamodule: Any) -> tuple[float, tuple[str, ...]]:
+    """Train; return the seconds it took and the first line of every distinct warning."""
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.fit(module, datamodule)
+    seconds = time.perf_counter() - start
+    return seconds, tuple(dict.fromkeys(str(w.message).splitlines()[0] for w in caught))
+
+
+def _measurements(
+    trainer: Any, history: Mapping[str, list[list[float]]], defense: str
+) -> dict[str, float | None]:
+    """The result's measurement fields: each one's final metric, else its last logged value."""
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    measured = {name: metrics.get(key, _last(history, key)) for name, key in _MEASURED.items()}
+    if measured["epsilon"] is None and defense == NO_DEFENSE:
+        measured["epsilon"] = math.inf
+    measured["epsilon"] = _finite_or_none(measured["epsilon"])
+    return measured
+
+
+def _image_files(directory: Path) -> tuple[str, ...]:
+    """The images a trial's callbacks wrote, relative to its directory."""
+    return tuple(
+        sorted(
+            str(p.relative_to(directory))
+            for p in directory.rglob("*")
+            if p.suffix.lower() in _IMAGE_SUFFIXES
+        )
+    )
 
 
 def run_trial(
@@ -277,9 +303,27 @@ def run_trial(
     ``overrides`` applied, e.g. DP-SGD's own learning rate and batch size).
 
     Returns:
-        The result: ``val_acc``, ``epsilon``, ``attack_psnr``, ``attack_ssim``,
-        ``predicted_psnr``, ``seconds``, the logged ``history``, the ``threat_model`` and the
-        ``overrides`` the trial ran with (``"model.lr=0.03, data.batch_size=128"``, or ``""``).
+        The :class:`~lightning_privacy.sweep.results.TrialResult` as its ``result.json`` dict:
+        ``val_acc``, ``epsilon``, ``attack_psnr``, ``attack_ssim``, ``predicted_psnr``,
+        ``seconds``, the logged ``history``, the ``threat_model`` and the ``overrides`` the trial
+        ran with (``"model.lr=0.03, data.batch_size=128"``, or ``""``).
+
+    Example:
+        >>> import tempfile
+        >>> from lightning_privacy.sweep.config import parse_sweep_config
+        >>> spec = parse_sweep_config('''
+        ... defenses: [{name: none}]
+        ... data: {image_size: 16, batch_size: 16}
+        ... training: {epochs: 1, limit_train_batches: 1}
+        ... audit: null
+        ... leakage: null
+        ... ''').trials()[0]
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     result = run_trial(spec.to_dict(), d)
+        ...     load_finished(Path(d), spec) is not None
+        True
+        >>> result["status"], result["epsilon"], 0.0 <= result["val_acc"] <= 1.0
+        ('ok', inf, True)
     """
     import lightning as L
 
@@ -287,75 +331,29 @@ def run_trial(
     quiet_lightning()
     spec = TrialSpec.from_dict(spec_dict)
     root = Path(out_dir)
-    trial_dir = root / "trials" / spec.trial_id
-    trial_dir.mkdir(parents=True, exist_ok=True)
+    directory = trial_dir(root, spec.trial_id)
+    directory.mkdir(parents=True, exist_ok=True)
     log_event(root, f"start {spec.trial_id}")
-    settings = spec.settings
-    L.seed_everything(int(settings["training"]["seed"]), verbose=False)
-    module, datamodule = _build_model_and_data(settings)
-    callbacks, missing = build_callbacks(spec)
-    if {"DPSGD", "GradientDefense"} & set(missing):
-        log_event(root, f"unavailable {spec.trial_id}")
-        return _unavailable(spec, missing)
+    L.seed_everything(int(spec.settings["training"]["seed"]), verbose=False)
+    module, datamodule = _build_model_and_data(spec.settings)
+    callbacks = build_callbacks(spec)
+    logger = _memory_logger_class()(directory)
     extra = [] if progress is None else [_epoch_progress(progress)]
-    logger = _memory_logger_class()(trial_dir)
-    limit = settings["training"].get("limit_train_batches")
-    trainer = L.Trainer(
-        max_epochs=int(settings["training"]["epochs"]),
-        limit_train_batches=limit if limit is not None else 1.0,
-        callbacks=callbacks + extra,
-        logger=logger,
-        accelerator="cpu",
-        devices=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-        default_root_dir=str(trial_dir),
+    trainer = _trainer(spec.settings, callbacks + extra, logger, directory)
+    seconds, messages = _fit(trainer, module, datamodule)
+    history = dict(logger.history)
+    result = TrialResult.finished(
+        spec,
+        **_measurements(trainer, history, spec.defense),
+        seconds=seconds,
+        warnings=messages,
+        threat_model=_threat_model(callbacks),
+        history=history,
+        images=_image_files(directory),
     )
-    start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("default")
-        warnings.filterwarnings("ignore", ".*LeafSpec.*")
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        trainer.fit(module, datamodule)
-    seconds = time.perf_counter() - start
-    messages = list(dict.fromkeys(str(w.message).splitlines()[0] for w in caught))
-    history = {k: v for k, v in logger.history.items()}
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    epsilon = metrics.get("privacy/epsilon", _last(history, "privacy/epsilon"))
-    if epsilon is None and spec.defense == "none":
-        epsilon = math.inf
-    result: dict[str, Any] = {
-        "trial_id": spec.trial_id,
-        "fingerprint": spec.fingerprint,
-        "label": spec.label,
-        "defense": spec.defense,
-        "strength": spec.strength,
-        "overrides": spec.overrides_text,
-        "val_acc": metrics.get("val/acc"),
-        "epsilon": _finite_or_none(epsilon),
-        "attack_psnr": metrics.get("attack/psnr", _last(history, "attack/psnr")),
-        "attack_ssim": metrics.get("attack/ssim", _last(history, "attack/ssim")),
-        "predicted_psnr": metrics.get(
-            "leakage/predicted_psnr", _last(history, "leakage/predicted_psnr")
-        ),
-        "seconds": seconds,
-        "status": "ok",
-        "missing": missing,
-        "warnings": messages,
-        "threat_model": _threat_model(callbacks),
-        "history": history,
-        "images": sorted(
-            str(p.relative_to(trial_dir))
-            for p in trial_dir.rglob("*")
-            if p.suffix.lower() in _IMAGE_SUFFIXES
-        ),
-        "spec": spec.to_dict(),
-    }
-    write_json_atomic(trial_dir / RESULT_FILE, result)
+    write_result(root, result)
     log_event(root, f"finish {spec.trial_id}")
-    return result
+    return result.to_dict()
 
 
 def _epoch_progress(report: Callable[[int, int], None]) -> Any:
@@ -390,44 +388,33 @@ def _threat_model(callbacks: list[Any]) -> dict[str, Any]:
     return json.loads(json.dumps(info, default=str))
 
 
-def _unavailable(spec: TrialSpec, missing: list[str]) -> dict[str, Any]:
-    """The result of a trial whose defense is not available: nothing trained, nothing stored."""
-    return {
-        "trial_id": spec.trial_id,
-        "label": spec.label,
-        "defense": spec.defense,
-        "strength": spec.strength,
-        "overrides": spec.overrides_text,
-        "status": "unavailable: " + ", ".join(missing),
-        "missing": missing,
-        "history": {},
-    }
-
-
 def safe_run_trial(
     spec_dict: Mapping[str, Any],
     out_dir: str,
     *,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """:func:`run_trial` that turns an exception into a ``status="failed"`` result.
+    """:func:`run_trial` that turns an exception into a ``status="failed: ..."`` result.
 
     A failed trial writes ``error.txt`` but no ``result.json``, so a rerun retries it.
+
+    Example:
+        >>> import tempfile
+        >>> from lightning_privacy.sweep.config import TrialSpec
+        >>> broken = TrialSpec("none", None, {}, {"training": {"seed": 0}})  # no data settings
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     result = safe_run_trial(broken.to_dict(), d)
+        ...     (trial_dir(d, broken.trial_id) / "error.txt").is_file()
+        True
+        >>> result["status"]
+        "failed: KeyError: 'data'"
     """
     try:
         return run_trial(spec_dict, out_dir, progress=progress)
     except Exception as err:  # one failing trial must not stop the sweep
         spec = TrialSpec.from_dict(spec_dict)
-        trial_dir = Path(out_dir) / "trials" / spec.trial_id
-        trial_dir.mkdir(parents=True, exist_ok=True)
-        (trial_dir / "error.txt").write_text(traceback.format_exc())
-        log_event(Path(out_dir), f"failed {spec.trial_id}: {err!r}")
-        return {
-            "trial_id": spec.trial_id,
-            "label": spec.label,
-            "defense": spec.defense,
-            "strength": spec.strength,
-            "overrides": spec.overrides_text,
-            "status": f"failed: {type(err).__name__}: {err}",
-            "history": {},
-        }
+        directory = trial_dir(out_dir, spec.trial_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "error.txt").write_text(traceback.format_exc())
+        log_event(out_dir, f"failed {spec.trial_id}: {err!r}")
+        return TrialResult.failed(spec, f"{type(err).__name__}: {err}").to_dict()

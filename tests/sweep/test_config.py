@@ -303,3 +303,78 @@ def test_bad_override_exits_2_naming_key_and_line(tmp_path, capsys, old, new, ex
     for fragment in expected:
         assert fragment in err, (fragment, err)
     assert not out.exists(), "nothing may be written for an invalid configuration"
+
+
+DPSGD_ENTRY = "defenses:\n  - name: dpsgd\n    strengths: [1.0]\n"
+
+
+@pytest.mark.parametrize(
+    ("option", "key", "fragments"),
+    [
+        ("accountant: foo", "defenses[0].accountant", ["`accountant`", "'rdp'", "'foo' (str)"]),
+        (
+            "grad_sample_mode: bogus",
+            "defenses[0].grad_sample_mode",
+            ["`grad_sample_mode`", "'hooks'", "'bogus' (str)"],
+        ),
+        ("max_grad_nrm: 1.0", "defenses[0].max_grad_nrm", ["Did you mean 'max_grad_norm'?"]),
+        ("noise_multiplier: 2.0", "defenses[0].noise_multiplier", ["Unknown key"]),
+        ("target_epsilon: 3.0", "defenses[0].target_epsilon", ["exactly one of"]),
+    ],
+    ids=["accountant", "grad-sample-mode", "typo", "strength-as-option", "two-strengths"],
+)
+def test_dpsgd_option_errors_are_caught_with_their_line(option, key, fragments):
+    with pytest.raises(SweepConfigError) as info:
+        parse_sweep_config(DPSGD_ENTRY + f"    {option}\n")
+    assert info.value.key == key and info.value.line == 4
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+
+
+def test_transform_option_error_names_the_option():
+    text = "defenses:\n  - name: magnitude_pruning\n    strengths: [0.5]\n    scope: everywhere\n"
+    with pytest.raises(SweepConfigError) as info:
+        parse_sweep_config(text)
+    assert info.value.key == "defenses[0].scope" and info.value.line == 4
+    assert "'per_tensor'" in str(info.value) and "'everywhere' (str)" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "line", "fragments"),
+    [
+        (
+            "leakage:\n  num_samples: 1\n  estimator: bogus\n",
+            "leakage.estimator",
+            4,
+            ["`estimator`", "'exact'", "'bogus' (str)"],
+        ),
+        ("leakage:\n  on_exceed: explode\n", "leakage.on_exceed", 3, ["'warn', 'stop'"]),
+        ("leakage:\n  estimatr: exact\n", "leakage.estimatr", 3, ["Did you mean 'estimator'?"]),
+        ("leakage:\n  seed: 3\n", "leakage.seed", 3, ["Unknown key 'seed'"]),
+        ("audit:\n  num_samples: 0\n", "audit.num_samples", 3, ["`num_samples`", "0 (int)"]),
+        ("audit:\n  max_seconds: -1\n", "audit.max_seconds", 3, ["`max_seconds`", "> 0.0"]),
+        ("audit:\n  attack: dlg\n", "audit.attack", 3, ["Unknown attack 'dlg'"]),
+        (
+            "audit:\n  attack: deep_leakage\n  options: {max_iterations: 0}\n",
+            "audit.options",
+            4,
+            ["`max_iterations`"],
+        ),
+    ],
+    ids=[
+        "estimator",
+        "on-exceed",
+        "typo",
+        "sweep-provided",
+        "audit-samples",
+        "audit-seconds",
+        "attack",
+        "attack-option",
+    ],
+)
+def test_audit_and_leakage_errors_are_caught_with_their_line(section, key, line, fragments):
+    with pytest.raises(SweepConfigError) as info:
+        parse_sweep_config("defenses: [{name: none}]\n" + section)
+    assert info.value.key == key and info.value.line == line
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
