@@ -1,12 +1,15 @@
 """lightning-privacy: PyTorch Lightning callbacks against gradient leakage.
 
-Layers (imports only point down):
+Layers (imports only point down; ``tests/test_layering.py`` enforces it, ``docs/ARCHITECTURE.md``
+explains it):
 
 1. :mod:`lightning_privacy.functional` -- pure tensor functions, no Lightning import.
 2. Components -- :mod:`~lightning_privacy.defenses`, :mod:`~lightning_privacy.attacks`,
    :mod:`~lightning_privacy.accountants`, :mod:`~lightning_privacy.metrics`,
-   :mod:`~lightning_privacy.leakage`.
-3. :mod:`lightning_privacy.callbacks` -- thin Lightning adapters.
+   :mod:`~lightning_privacy.leakage`, :mod:`~lightning_privacy.engines`, and the plain-torch
+   models and embedded data; no Lightning import either.
+3. Lightning integration -- :mod:`lightning_privacy.callbacks` (thin adapters),
+   :mod:`~lightning_privacy.sweep`, ``report``, ``cli``, ``models.lit``, ``data.datamodules``.
 
 Example:
     >>> import lightning_privacy

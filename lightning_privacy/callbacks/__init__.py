@@ -1,9 +1,12 @@
-"""Layer 3: thin Lightning callbacks. The only layer that imports ``lightning``.
+"""Layer 3: thin Lightning callbacks over the components.
+
+With ``sweep``, ``report``, ``cli``, ``models.lit`` and ``data.datamodules`` these are the modules
+that import ``lightning`` (see ``docs/ARCHITECTURE.md``).
 
 Example:
     >>> import lightning_privacy.callbacks as cb
-    >>> isinstance(cb.__all__, list)
-    True
+    >>> cb.__all__
+    ['DPSGD', 'GradientDefense', 'InversionAudit', 'LeakageMonitor']
 """
 
 from lightning_privacy.callbacks.dpsgd import DPSGD

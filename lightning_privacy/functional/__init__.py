@@ -1,11 +1,13 @@
 """Layer 1: pure functions on tensors and modules. No Lightning import, no hidden state.
 
-Every sampling function takes ``generator: torch.Generator | None``.
+Every sampling function takes ``generator: torch.Generator | None``. ``tests/test_layering.py``
+checks, on the import graph and in a fresh interpreter, that nothing here imports Lightning.
 
 Example:
-    >>> import sys, lightning_privacy.functional
-    >>> "lightning" in sys.modules or "lightning_privacy.functional" in sys.modules
-    True
+    >>> import torch
+    >>> from lightning_privacy.functional import clip_by_global_norm
+    >>> clip_by_global_norm([torch.tensor([3.0, 4.0])], max_norm=1.0)
+    [tensor([0.6000, 0.8000])]
 """
 
 from lightning_privacy.functional.accounting import (
