@@ -194,7 +194,7 @@ class LocalCommHook(Placement):
 
     # No annotations on purpose: DDP compares them with `dist.GradBucket` and
     # `Future[Tensor]` objects, and postponed (string) annotations would fail that check.
-    def comm_hook(self, state, bucket):  # type: ignore[no-untyped-def]
+    def comm_hook(self, state, bucket):
         """DDP communication hook: defend this rank's bucket, divide by world size, all-reduce.
 
         ``bucket`` is a ``torch.distributed.GradBucket``; returns a ``Future[Tensor]``.

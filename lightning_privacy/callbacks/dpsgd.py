@@ -84,7 +84,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -141,7 +141,10 @@ class DPSGD(Callback):
         sample_rate: ``q`` in use.
         delta: δ in use.
         stopped_reason: Why ``max_epsilon`` stopped training, else ``None``.
+        strength: The argument a sweep's ``dpsgd`` entry varies (``noise_multiplier``).
     """
+
+    strength: ClassVar[str] = "noise_multiplier"
 
     def __init__(
         self,
@@ -228,6 +231,7 @@ class DPSGD(Callback):
         return None
 
     @property
+    @override
     def state_key(self) -> str:
         """One DPSGD per Trainer, so one key: a resumed run finds its ε whatever else changed."""
         return "DPSGD"

@@ -187,6 +187,7 @@ class GradientDefense(Callback):
         self._delta: float | None = None
 
     @property
+    @override
     def state_key(self) -> str:
         """One GradientDefense per Trainer, one key: a resumed run continues its streams and ε."""
         return "GradientDefense"
@@ -355,7 +356,7 @@ def _default_delta(trainer: L.Trainer) -> float:
     if isinstance(loader, (list, tuple)) and len(loader) == 1:
         loader = loader[0]
     try:
-        size = len(loader.dataset)  # type: ignore[union-attr, arg-type]
+        size = len(loader.dataset)  # type: ignore[union-attr]
     except (AttributeError, TypeError):
         raise ValueError(
             "GradientDefense could not find the training-set size N for the default "

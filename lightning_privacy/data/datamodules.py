@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+from typing_extensions import override
 
 from lightning_privacy._validation import check_float, check_int
 from lightning_privacy.data.embedded import (
@@ -90,6 +91,7 @@ class EmbeddedDataModule(L.LightningDataModule):
         """Return all ``(images, labels)`` of the data set."""
         return type(self).loader(image_size=self.image_size, channels=self.channels)
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         """Load the tensors and split them (idempotent)."""
         if self.train_set is None:
@@ -98,6 +100,7 @@ class EmbeddedDataModule(L.LightningDataModule):
                 images, labels, self.val_fraction, self.seed
             )
 
+    @override
     def train_dataloader(self) -> DataLoader[Any]:
         """Shuffled training batches (seeded)."""
         assert self.train_set is not None, "call setup() first"
@@ -110,6 +113,7 @@ class EmbeddedDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
         )
 
+    @override
     def val_dataloader(self) -> DataLoader[Any]:
         """Held-out batches in a fixed order."""
         assert self.val_set is not None, "call setup() first"
@@ -201,10 +205,12 @@ class TorchvisionDataModule(L.LightningDataModule):
         cls = datasets.CIFAR10 if self.name == "cifar10" else datasets.MNIST
         return cls(self.root, train=train, transform=tf, download=self.download)
 
+    @override
     def train_dataloader(self) -> DataLoader[Any]:
         """Training split."""
         return DataLoader(self._dataset(True), self.batch_size, shuffle=True)
 
+    @override
     def val_dataloader(self) -> DataLoader[Any]:
         """Test split used as held-out data."""
         return DataLoader(self._dataset(False), self.batch_size)

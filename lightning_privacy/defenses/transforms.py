@@ -167,7 +167,7 @@ class MagnitudePruning(GradientTransform):
         object.__setattr__(self, "ratio", ratio)
         check_choice("scope", self.scope, F.PRUNING_SCOPES)
 
-    @property  # type: ignore[misc]
+    @property
     def needs_global_view(self) -> bool:  # type: ignore[override]
         """``True`` for ``scope="global"``."""
         return self.scope == "global"

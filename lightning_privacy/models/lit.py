@@ -21,6 +21,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_privacy._validation import check_choice, check_float
 
@@ -57,10 +58,12 @@ class LitClassifier(L.LightningModule):
         self.loss_fn = F.cross_entropy
         self.save_hyperparameters(ignore=["model"])
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         """Logits."""
         return self.model(x)
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Mean cross-entropy of the batch."""
         x, y = batch
@@ -68,6 +71,7 @@ class LitClassifier(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Held-out loss and accuracy."""
         x, y = batch
@@ -75,6 +79,7 @@ class LitClassifier(L.LightningModule):
         self.log("val/loss", self.loss_fn(logits, y), sync_dist=True)
         self.log("val/acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True, sync_dist=True)
 
+    @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """SGD or Adam over all parameters."""
         if self.optimizer_name == "adam":

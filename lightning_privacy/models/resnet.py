@@ -37,5 +37,5 @@ def resnet18_cifar(num_classes: int = 10, channels: int = 3, norm: str = "batch"
     norm_layer = nn.BatchNorm2d if norm == "batch" else _group_norm
     model = resnet18(num_classes=num_classes, norm_layer=norm_layer)
     model.conv1 = nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()  # type: ignore[assignment]
+    model.maxpool = nn.Identity()
     return model

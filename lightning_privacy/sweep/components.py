@@ -41,7 +41,7 @@ DPSGD_DEFENSE = "dpsgd"
 #: Defense names that are not gradient transforms.
 SPECIAL_DEFENSES = (NO_DEFENSE, DPSGD_DEFENSE)
 #: DP-SGD's strength: the argument of ``DPSGD`` a ``dpsgd`` entry's ``strengths`` are values of.
-DPSGD_STRENGTH = "noise_multiplier"
+DPSGD_STRENGTH: str = DPSGD.strength
 #: The sweep's own defaults for DP-SGD (the callback requires a clipping norm).
 DPSGD_DEFAULTS: Mapping[str, Any] = {"max_grad_norm": 1.0}
 #: Arguments the sweep provides itself: the training seed and the datamodule's held-out batch.
@@ -68,17 +68,16 @@ def _factory(name: str) -> Callable[..., Any]:
 def strength_parameter(name: str) -> str | None:
     """The argument a defense's strengths are values of (``None``: none is declared).
 
-    For a transform, its class's ``strength`` ClassVar; for ``"dpsgd"``, the noise multiplier.
+    The ``strength`` ClassVar of the class the name builds (a transform, or ``DPSGD``: its noise
+    multiplier).
 
     Example:
         >>> strength_parameter("gaussian_noise"), strength_parameter("none")
         ('std', None)
     """
-    if name == DPSGD_DEFENSE:
-        return DPSGD_STRENGTH
     if name == NO_DEFENSE:
         return None
-    strength = getattr(DEFENSES.get(name), "strength", None)
+    strength = getattr(_factory(name), "strength", None)
     return strength if isinstance(strength, str) else None
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback
+from typing_extensions import override
 
 from lightning_privacy.defenses import GradientTransform
 from lightning_privacy.sweep.components import (
@@ -150,18 +151,22 @@ def _memory_logger_class() -> Any:
             self.history: dict[str, list[list[float]]] = defaultdict(list)
 
         @property
+        @override
         def name(self) -> str:
             return "memory"
 
         @property
+        @override
         def version(self) -> str:
             return "0"
 
         @property
+        @override
         def save_dir(self) -> str:
             return str(self.root)
 
         @property
+        @override
         def log_dir(self) -> str:
             return str(self.root)
 
@@ -170,10 +175,12 @@ def _memory_logger_class() -> Any:
         def experiment(self) -> None:
             return None
 
+        @override
         @rank_zero_only
         def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
             return None
 
+        @override
         @rank_zero_only
         def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
             for key, value in metrics.items():
@@ -361,6 +368,7 @@ def _epoch_progress(report: Callable[[int, int], None]) -> Any:
     import lightning as L
 
     class EpochProgress(L.Callback):
+        @override
         def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             report(trainer.current_epoch + 1, int(trainer.max_epochs or 0))
 
