@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny offline data and models, fast Trainer settings."""
+"""Shared fixtures: fast Trainer settings (the shared module, data and fit helpers: helpers.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import QUIET_TRAINER
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
@@ -19,10 +20,7 @@ def fast_trainer_kwargs(tmp_path):
     return dict(
         accelerator="cpu",
         devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=str(tmp_path),
         deterministic=True,
+        **QUIET_TRAINER,
     )

@@ -1,7 +1,8 @@
 """Run GradientDefense scenarios under 2-process DDP (gloo, CPU); rank 0 writes a JSON report.
 
-Launched by ``test_gradient_defense_ddp.py`` as ``python this.py OUT.json SCENARIO [SCENARIO ...]``.
-Lightning's subprocess launcher re-runs this script for rank 1.
+Launched by ``test_gradient_defense_ddp.py`` as ``python this.py OUT.json SCENARIO [SCENARIO ...]``
+(through ``ddp_launch``, which puts ``tests/`` on ``PYTHONPATH`` for ``helpers``). Lightning's
+subprocess launcher re-runs this script for rank 1.
 
 Per step, every rank computes its own clean gradient (``parameter_gradients``, no side effects)
 and the expected defended average where it is deterministic; after the step the actual update
@@ -19,10 +20,17 @@ import lightning as L
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from helpers import (
+    PLAIN_MLP,
+    BoringModel,
+    all_ranks_equal,
+    ddp_trainer_kwargs,
+    fit,
+    flat_parameters,
+    loader,
+    random_tensors,
+)
 from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.strategies import DDPStrategy
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_privacy.callbacks import GradientDefense
 from lightning_privacy.defenses import (
@@ -38,28 +46,7 @@ warnings.filterwarnings("ignore")
 STD = 0.1
 
 
-class Net(L.LightningModule):
-    def __init__(self, manual=False):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 4))
-        self.automatic_optimization = not manual
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        if not self.automatic_optimization:
-            opt = self.optimizers()
-            opt.zero_grad()
-            self.manual_backward(loss)
-            opt.step()
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1.0)
+NET = dict(PLAIN_MLP, input_shape=(32,), width=64, num_classes=4)
 
 
 class CountingDefense(GradientDefense):
@@ -100,23 +87,16 @@ class Probe(L.Callback):
             expected = torch.cat([g.flatten() for g in local])
             dist.all_reduce(expected)
             record["expected"] = expected / dist.get_world_size()
-        record["before"] = flat_params(pl_module)
+        record["before"] = flat_parameters(pl_module)
         self.steps.append(record)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.steps[-1]["update"] = flat_params(pl_module) - self.steps[-1]["before"]
+        self.steps[-1]["update"] = flat_parameters(pl_module) - self.steps[-1]["before"]
 
     def on_train_end(self, trainer, pl_module):
-        mine = flat_params(pl_module)
-        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, mine)
-        self.replicas_identical = all(torch.equal(gathered[0], g) for g in gathered[1:])
+        self.replicas_identical = all_ranks_equal(flat_parameters(pl_module))
         self.epochs = [None] * dist.get_world_size()
         dist.all_gather_object(self.epochs, trainer.current_epoch)
-
-
-def flat_params(module):
-    return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
 
 
 def segments(module):
@@ -128,34 +108,23 @@ def segments(module):
 
 
 def data():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(64, 32, generator=g)
-    y = torch.randint(0, 4, (64,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
+    return loader(*random_tensors(64, (32,), num_classes=4, seed=1, normal=True), batch_size=8)
 
 
 def run(
     name, defense, *, steps=2, expected_fn=None, bucket_cap_mb=None, manual=False, **trainer_kw
 ):
     probe = Probe(expected_fn)
-    strategy_kw = {"process_group_backend": "gloo"}
-    if bucket_cap_mb is not None:
-        strategy_kw["bucket_cap_mb"] = bucket_cap_mb
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=DDPStrategy(**strategy_kw),
+    strategy_kw = {} if bucket_cap_mb is None else {"bucket_cap_mb": bucket_cap_mb}
+    trainer, module = fit(
+        ddp_trainer_kwargs(**strategy_kw),
+        [defense, probe] if defense is not None else [probe],
+        BoringModel(**NET, manual=manual),
+        data(),
         max_steps=steps,
-        callbacks=[defense, probe] if defense is not None else [probe],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
         **trainer_kw,
     )
-    module = Net(manual=manual)
-    trainer.fit(module, data())
     seg = segments(module)
     report = {"replicas_identical": probe.replicas_identical, "steps": [], "epochs": probe.epochs}
     if "privacy/epsilon" in trainer.callback_metrics:

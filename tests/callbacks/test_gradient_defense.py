@@ -8,13 +8,13 @@ import threading
 import warnings
 from types import SimpleNamespace
 
+import helpers
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import PLAIN_MLP, BoringModel, loader, random_tensors
 from lightning.pytorch.plugins.precision import MixedPrecision
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_privacy.callbacks import GradientDefense
 from lightning_privacy.callbacks._noise_ahead import NoiseAhead
@@ -31,37 +31,11 @@ from lightning_privacy.defenses import (
 from lightning_privacy.functional import global_norm, parameter_gradients
 from lightning_privacy.functional.seeding import derive_seed
 
-
-class Tiny(L.LightningModule):
-    def __init__(self, lr: float = 1.0, manual: bool = False):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 3))
-        self.lr = lr
-        self.automatic_optimization = not manual
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        if not self.automatic_optimization:
-            opt = self.optimizers()
-            opt.zero_grad()
-            self.manual_backward(loss)
-            opt.step()
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
+TINY = dict(PLAIN_MLP, input_shape=(12,), width=10, num_classes=3)
 
 
-def loader(n=32, batch_size=8):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(n, 12, generator=g)
-    y = torch.randint(0, 3, (n,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+def train_loader():
+    return loader(*random_tensors(32, (12,), num_classes=3, seed=1, normal=True), batch_size=8)
 
 
 class Recorder(L.Callback):
@@ -80,11 +54,9 @@ class Recorder(L.Callback):
 
 
 def fit(kw, callbacks, module=None, **trainer_kw):
-    module = module or Tiny()
-    args = {**kw, "max_steps": 1, **trainer_kw}
-    trainer = L.Trainer(callbacks=callbacks, **args)
-    trainer.fit(module, loader())
-    return trainer, module
+    """One step (unless ``max_steps`` says otherwise) of ``module`` (default: TINY's)."""
+    module = BoringModel(**TINY) if module is None else module
+    return helpers.fit(kw, callbacks, module, train_loader(), **{"max_steps": 1, **trainer_kw})
 
 
 def params(module):
@@ -168,7 +140,7 @@ class CountingTransform(GradientTransform):
 
 def test_accumulation_defends_once_per_step(fast_trainer_kwargs):
     counter = CountingTransform()
-    module = Tiny()
+    module = BoringModel(**TINY)
     init = params(module)
     fit(
         fast_trainer_kwargs,
@@ -179,9 +151,9 @@ def test_accumulation_defends_once_per_step(fast_trainer_kwargs):
     )
     assert len(counter.seen) == 2  # 4 micro-batches, 2 optimizer steps
     # the first call sees the accumulated (mean over the 2 micro-batches) gradient
-    fresh = Tiny()
+    fresh = BoringModel(**TINY)
     fresh.load_state_dict({k: v for k, v in init.items()})
-    batches = list(loader())
+    batches = list(train_loader())
     grads = [parameter_gradients(fresh, x, y, loss_fn=F.cross_entropy) for x, y in batches[:2]]
     for i, name in enumerate(init):
         expected = (grads[0][name] + grads[1][name]) / 2
@@ -238,7 +210,7 @@ def test_manual_optimization_supported(fast_trainer_kwargs):
     fit(
         fast_trainer_kwargs,
         [pre, GradientDefense(MagnitudePruning(ratio=0.5)), post],
-        module=Tiny(manual=True),
+        module=BoringModel(**TINY, manual=True),
     )
     for n, g in pre.grads[0].items():
         d = post.grads[0][n]
@@ -254,11 +226,9 @@ def test_resume_continues_the_random_stream(fast_trainer_kwargs, tmp_path):
     ckpt = tmp_path / "mid.ckpt"
     trainer.save_checkpoint(ckpt)
     seed = first.state_dict()["seed"]
-    resumed_trainer = L.Trainer(
-        callbacks=[GradientDefense(GaussianNoise(std=0.1))], max_epochs=4, **kw
+    _, resumed = fit(
+        kw, [GradientDefense(GaussianNoise(std=0.1))], max_steps=-1, max_epochs=4, ckpt_path=ckpt
     )
-    resumed = Tiny()
-    resumed_trainer.fit(resumed, loader(), ckpt_path=ckpt)
     _, straight = fit(
         kw, [GradientDefense(GaussianNoise(std=0.1), seed=seed)], max_steps=-1, max_epochs=4
     )
@@ -362,7 +332,7 @@ def test_bad_arguments(build, exc, match):
 
 
 def test_layers_matching_nothing_fails_before_training(fast_trainer_kwargs):
-    module = Tiny()
+    module = BoringModel(**TINY)
     before = params(module)
     with pytest.raises(ValueError, match="matched none"):
         fit(
@@ -382,29 +352,31 @@ def test_unsupported_strategies_named():
         strategy=FSDPStrategy(), world_size=1, global_rank=0, gradient_clip_val=None
     )
     with pytest.raises(ValueError, match=r"FSDPStrategy.*strategy='ddp'"):
-        defense.setup(fake, Tiny(), "fit")
+        defense.setup(fake, BoringModel(**TINY), "fit")
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     # DeepSpeedStrategy subclasses DDPStrategy; built without deepspeed installed
     fake.strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
     with pytest.raises(ValueError, match=r"DeepSpeedStrategy.*not supported"):
-        defense.setup(fake, Tiny(), "fit")
+        defense.setup(fake, BoringModel(**TINY), "fit")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        defense.setup(fake, Tiny(), "validate")  # only fitting is checked
+        defense.setup(fake, BoringModel(**TINY), "validate")  # only fitting is checked
 
 
 def test_epsilon_resumes_from_checkpoint(fast_trainer_kwargs, tmp_path):
     kw = {**fast_trainer_kwargs, "limit_train_batches": 2, "max_steps": -1}
     pipeline = [GradientClipping(max_norm=1.0), GaussianNoise(std=4.0)]
-    trainer = L.Trainer(callbacks=[GradientDefense(pipeline, seed=0)], max_epochs=2, **kw)
-    trainer.fit(Tiny(), loader())
+
+    def run(max_epochs, ckpt_path=None):
+        defense = GradientDefense(pipeline, seed=0)
+        return fit(kw, [defense], max_steps=-1, max_epochs=max_epochs, ckpt_path=ckpt_path)[0]
+
+    trainer = run(2)
     ckpt = tmp_path / "epoch2.ckpt"
     trainer.save_checkpoint(ckpt)
-    resumed = L.Trainer(callbacks=[GradientDefense(pipeline, seed=0)], max_epochs=4, **kw)
-    resumed.fit(Tiny(), loader(), ckpt_path=ckpt)
-    straight = L.Trainer(callbacks=[GradientDefense(pipeline, seed=0)], max_epochs=4, **kw)
-    straight.fit(Tiny(), loader())
+    resumed = run(4, ckpt_path=ckpt)
+    straight = run(4)
     eps = resumed.callback_metrics["privacy/epsilon"].item()
     assert eps == straight.callback_metrics["privacy/epsilon"].item()
     assert eps > trainer.callback_metrics["privacy/epsilon"].item()
