@@ -121,6 +121,11 @@ class BoringModel(L.LightningModule):
 # BoringModel options for a plain tanh MLP on flat features with SGD lr=1 (the update is minus the
 # defended gradient); add input_shape, width and num_classes
 PLAIN_MLP = dict(conv=False, batch_norm=False, dropout=0.0, activation=nn.Tanh, lr=1.0)
+# BoringModel options for a sigmoid MLP (with BatchNorm and dropout) on 4x4 inputs and 3 classes:
+# smooth, and small enough for a dense I2F estimate (LeakageMonitor); see random_tensors
+SIGMOID_MLP = dict(
+    input_shape=(1, 4, 4), width=12, num_classes=3, conv=False, activation=nn.Sigmoid
+)
 
 
 def digits(n: int | None = None, *, image_size: int = 8) -> tuple[Tensor, Tensor]:

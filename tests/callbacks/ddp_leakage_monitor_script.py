@@ -1,6 +1,7 @@
 """LeakageMonitor under 2-process DDP (gloo, CPU); rank 0 writes a JSON report.
 
-Launched by ``test_leakage_monitor_ddp.py`` as ``python this.py OUT.json``. Only rank 1 is given a
+Launched by ``test_leakage_monitor_ddp.py`` as ``python this.py OUT.json`` (through ``ddp_launch``,
+which puts ``tests/`` on ``PYTHONPATH`` for ``helpers``). Only rank 1 is given a
 threshold that its estimate passes, so the stop decision must be agreed across ranks: both stop
 after the first estimate, with identical replicas and identical logged values.
 """
@@ -15,12 +16,19 @@ import warnings
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy
-from torch.utils.data import DataLoader, TensorDataset
+from helpers import (
+    SIGMOID_MLP,
+    BoringModel,
+    all_ranks_equal,
+    ddp_trainer_kwargs,
+    fit,
+    flat_parameters,
+    loader,
+    random_tensors,
+)
 
 from lightning_privacy.callbacks import GradientDefense, LeakageMonitor
 from lightning_privacy.defenses import GaussianNoise
-from lightning_privacy.models import LitClassifier
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore")
@@ -29,33 +37,22 @@ warnings.filterwarnings("ignore")
 def main(out: str) -> None:
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     L.seed_everything(0, verbose=False)
-    net = torch.nn.Sequential(
-        torch.nn.Flatten(), torch.nn.Linear(16, 12), torch.nn.Sigmoid(), torch.nn.Linear(12, 3)
-    )
-    module = LitClassifier(net, lr=0.1)
-    x = torch.rand(32, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(1))
+    module = BoringModel(**SIGMOID_MLP, batch_norm=False, dropout=0.0)
+    x, y = random_tensors(32, (1, 4, 4), num_classes=3, seed=0, label_seed=1)
     monitor = LeakageMonitor(
         every_n_train_steps=1,
         batch=(x[:2], y[:2]),
         max_predicted_psnr=-1e3 if rank == 1 else 1e4,
         on_exceed="stop",
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=DDPStrategy(process_group_backend="gloo"),
+    trainer, _ = fit(
+        ddp_trainer_kwargs(),
+        [GradientDefense([GaussianNoise(std=1e-2)], seed=0), monitor],
+        module,
+        loader(x, y, batch_size=4),
         max_steps=4,
-        callbacks=[GradientDefense([GaussianNoise(std=1e-2)], seed=0), monitor],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
-    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4))
-    flat = torch.cat([p.detach().flatten() for p in module.parameters()])
-    gathered = [torch.zeros_like(flat) for _ in range(2)]
-    dist.all_gather(gathered, flat)
+    replicas_equal = all_ranks_equal(flat_parameters(module))
     values = torch.tensor([h["leakage/i2f"] for h in monitor.history], dtype=torch.float64)
     both = [torch.zeros_like(values) for _ in range(2)]
     dist.all_gather(both, values)
@@ -67,7 +64,7 @@ def main(out: str) -> None:
             "estimates": len(monitor.history),
             "i2f_equal": bool(torch.equal(both[0], both[1])),
             "i2f": values.tolist(),
-            "replicas_equal": bool(torch.equal(gathered[0], gathered[1])),
+            "replicas_equal": replicas_equal,
         }
         with open(out, "w") as handle:
             json.dump(report, handle)

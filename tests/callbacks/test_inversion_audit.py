@@ -4,51 +4,29 @@ from dataclasses import dataclass
 import lightning as L
 import pytest
 import torch
+from helpers import BoringModel, digits, digits_loader, fit, loader
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import CSVLogger
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_privacy.attacks import Attack, InvertingGradients
 from lightning_privacy.callbacks import GradientDefense, InversionAudit
-from lightning_privacy.data import load_digits_tensors
 from lightning_privacy.defenses import GaussianNoise
 from lightning_privacy.functional.attacks import Reconstruction
-from lightning_privacy.models import LitClassifier
-
-
-def _data(n=48):
-    x, y = load_digits_tensors(image_size=8, channels=1)
-    return x[:n], y[:n]
-
-
-def _loader(n=48, batch_size=16):
-    x, y = _data(n)
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True)
-
-
-def _module(seed=0):
-    torch.manual_seed(seed)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 4, 3, padding=1),
-        torch.nn.BatchNorm2d(4),
-        torch.nn.ReLU(),
-        torch.nn.Dropout(0.3),
-        torch.nn.Flatten(),
-        torch.nn.Linear(4 * 64, 10),
-    )
-    return LitClassifier(net, lr=0.1)
 
 
 def _fit(callbacks, fast_trainer_kwargs, *, max_epochs=2, val=True, **kwargs):
+    """The default BoringModel on 48 shuffled digits, validated on 16 of them."""
     L.seed_everything(7, workers=True)
-    module = _module()
-    trainer = L.Trainer(
-        max_epochs=max_epochs, callbacks=callbacks, **{**fast_trainer_kwargs, **kwargs}
+    val_loader = loader(*digits(16), batch_size=8) if val else None
+    return fit(
+        fast_trainer_kwargs,
+        callbacks,
+        BoringModel(),
+        digits_loader(shuffle=True),
+        val_loader,
+        max_epochs=max_epochs,
+        **kwargs,
     )
-    x, y = _data(16)
-    val_loader = DataLoader(TensorDataset(x, y), batch_size=8) if val else None
-    trainer.fit(module, _loader(), val_loader)
-    return trainer, module
 
 
 FAST_IG = InvertingGradients(max_iterations=4, tv_weight=0.01)
@@ -69,7 +47,7 @@ def test_audit_never_changes_the_training_trajectory(fast_trainer_kwargs):
 
 
 def test_metrics_reach_callback_metrics_and_early_stopping(fast_trainer_kwargs, tmp_path):
-    x, y = _data(4)
+    x, y = digits(4)
     audit = InversionAudit(FAST_IG, batch=(x, y), every_n_epochs=1)
     stop = EarlyStopping(monitor="attack/psnr", mode="min", stopping_threshold=1000.0)
     trainer, _ = _fit(
@@ -149,7 +127,7 @@ def test_state_dict_round_trip():
 
 
 def test_bad_input_is_rejected_before_training(fast_trainer_kwargs):
-    x, y = _data(4)
+    x, y = digits(4)
     with pytest.raises(ValueError, match="Unknown attack"):
         InversionAudit("inverting_gradient")
     with pytest.raises(ValueError, match="num_samples"):
@@ -160,35 +138,35 @@ def test_bad_input_is_rejected_before_training(fast_trainer_kwargs):
         InversionAudit(max_seconds=0)
     with pytest.raises(ValueError, match="max_seconds"):
         InversionAudit(max_seconds=-1.0)
-    module = _module()
+    module = BoringModel()
     trainer = L.Trainer(max_epochs=1, callbacks=[InversionAudit(FAST_IG)], **fast_trainer_kwargs)
     with pytest.raises(ValueError, match="no held-out batch"):
-        trainer.fit(module, _loader())
+        trainer.fit(module, digits_loader(shuffle=True))
     assert trainer.global_step == 0
     trainer = L.Trainer(
         max_epochs=1, callbacks=[InversionAudit(FAST_IG, num_samples=9)], **fast_trainer_kwargs
     )
     with pytest.raises(ValueError, match="num_samples"):
-        trainer.fit(module, _loader(), DataLoader(TensorDataset(x, y), batch_size=8))
+        trainer.fit(module, digits_loader(shuffle=True), loader(x, y, batch_size=8))
     tokens = torch.randint(0, 10, (4, 6))
     trainer = L.Trainer(
         max_epochs=1, callbacks=[InversionAudit(batch=(tokens, tokens))], **fast_trainer_kwargs
     )
     with pytest.raises(ValueError, match="token_leakage"):
-        trainer.fit(module, _loader())
+        trainer.fit(module, digits_loader(shuffle=True))
     trainer = L.Trainer(
         max_epochs=1,
         callbacks=[InversionAudit("token_leakage", batch=(x, y))],
         **fast_trainer_kwargs,
     )
     with pytest.raises(ValueError, match="attacks text models"):
-        trainer.fit(module, _loader())
+        trainer.fit(module, digits_loader(shuffle=True))
     assert trainer.global_step == 0
 
 
 def test_global_rng_stream_untouched_by_an_audit_run():
-    module = _module()
-    x, y = _data(2)
+    module = BoringModel()
+    x, y = digits(2)
     audit = InversionAudit(FAST_IG, batch=(x, y), log_images=False)
     audit._held_out = (x[:1], y[:1])
 
@@ -210,8 +188,8 @@ def test_global_rng_stream_untouched_by_an_audit_run():
 
 
 def test_apply_defenses_false_attacks_the_clean_gradient():
-    module = _module()
-    x, y = _data(2)
+    module = BoringModel()
+    x, y = digits(2)
 
     class _Trainer:
         is_global_zero = True

@@ -1,53 +1,29 @@
 import warnings
 
-import lightning as L
+import helpers
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from helpers import SIGMOID_MLP, BoringModel, loader, random_tensors
 
 from lightning_privacy.callbacks import GradientDefense, LeakageMonitor
 from lightning_privacy.defenses import GaussianNoise, MagnitudePruning
 from lightning_privacy.leakage import estimate_leakage
-from lightning_privacy.models import LitClassifier
-
-
-def make_module(seed=0):
-    torch.manual_seed(seed)
-    net = nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(16, 12),
-        nn.BatchNorm1d(12),
-        nn.Sigmoid(),
-        nn.Dropout(0.3),
-        nn.Linear(12, 3),
-    )
-    return LitClassifier(net, lr=0.1)
 
 
 @pytest.fixture(scope="module")
 def data():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(48, 1, 4, 4, generator=gen)
-    y = torch.randint(0, 3, (48,), generator=gen)
-    return x, y
+    return random_tensors(48, (1, 4, 4), num_classes=3)
 
 
 def loaders(data):
     x, y = data
-    train = DataLoader(TensorDataset(x[:32], y[:32]), batch_size=8, shuffle=False)
-    val = DataLoader(TensorDataset(x[32:], y[32:]), batch_size=8)
-    return train, val
+    return loader(x[:32], y[:32]), loader(x[32:], y[32:])
 
 
 def fit(data, callbacks, kwargs, max_steps=4, **extra):
-    module = make_module()
-    train, val = loaders(data)
-    trainer = L.Trainer(
-        max_steps=max_steps, callbacks=callbacks, limit_val_batches=1, **{**kwargs, **extra}
-    )
-    trainer.fit(module, train, val)
-    return trainer, module
+    """``max_steps`` steps of the SIGMOID_MLP module on 32 examples, one validation batch."""
+    overrides = {"max_steps": max_steps, "limit_val_batches": 1, **extra}
+    return helpers.fit(kwargs, callbacks, BoringModel(**SIGMOID_MLP), *loaders(data), **overrides)
 
 
 def test_never_changes_the_trajectory(data, fast_trainer_kwargs):
@@ -190,8 +166,8 @@ def test_bad_configuration(data, fast_trainer_kwargs):
             [GradientDefense([MagnitudePruning(ratio=0.5)]), LeakageMonitor(estimator="expected")],
             fast_trainer_kwargs,
         )
-    module = make_module()
     train, _ = loaders(data)
-    trainer = L.Trainer(max_steps=1, callbacks=[LeakageMonitor()], **fast_trainer_kwargs)
     with pytest.raises(ValueError, match="held-out batch"):
-        trainer.fit(module, train)
+        helpers.fit(
+            fast_trainer_kwargs, [LeakageMonitor()], BoringModel(**SIGMOID_MLP), train, max_steps=1
+        )
