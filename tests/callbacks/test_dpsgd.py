@@ -1,34 +1,29 @@
 import math
 
-import lightning as L
+import helpers
 import opacus.accountants as oa
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import BoringModel, digits_datamodule, flat_parameters
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from lightning_privacy.callbacks.dpsgd import DPSGD, find_unsupported_layers
-from lightning_privacy.data import DigitsDataModule
-from lightning_privacy.models import LeNetDLG, LitClassifier
+from lightning_privacy.models import LitClassifier
 
-
-def make_module(seed=0, **kw):
-    torch.manual_seed(seed)
-    return LitClassifier(LeNetDLG(channels=1, image_size=8), **kw)
-
-
-def make_data(batch_size=64):
-    return DigitsDataModule(image_size=8, batch_size=batch_size)
+# Opacus has no per-sample gradients for BatchNorm: the shared module without it
+DP_MODULE = dict(batch_norm=False)
 
 
 def fit(callbacks, trainer_kwargs, module=None, data=None, **kw):
-    trainer = L.Trainer(callbacks=callbacks, **{**trainer_kwargs, **kw})
-    trainer.fit(module or make_module(), data or make_data())
-    return trainer
+    """Fit ``module`` (default: the DP module) on all the digits, batch 64 (1438 -> q = 1/23)."""
+    module = BoringModel(**DP_MODULE) if module is None else module
+    data = digits_datamodule() if data is None else data
+    return helpers.fit(trainer_kwargs, callbacks, module, data, **kw)[0]
 
 
-class PerSampleLoss(LitClassifier):
+class PerSampleLoss(BoringModel):
     """Opts in to ghost clipping: training_step returns per-sample losses."""
 
     def training_step(self, batch, batch_idx):
@@ -128,7 +123,7 @@ def _snapshot(module):
 
 
 def test_module_comes_back_clean_and_refits(fast_trainer_kwargs):
-    module = make_module()
+    module = BoringModel(**DP_MODULE)
     before = _snapshot(module)
     dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0)
     trainer = fit([dp], fast_trainer_kwargs, module=module, max_epochs=1, limit_train_batches=2)
@@ -156,8 +151,7 @@ def test_resume_after_epoch_two_of_four_gives_same_epsilon(fast_trainer_kwargs, 
     fit([first, ckpt], {**kw, "enable_checkpointing": True}, max_epochs=2)
     assert first.accountant.steps == 8
     resumed = dpsgd()
-    trainer = L.Trainer(callbacks=[resumed], max_epochs=4, **kw)
-    trainer.fit(make_module(), make_data(), ckpt_path=str(tmp_path / "last.ckpt"))
+    trainer = fit([resumed], kw, max_epochs=4, ckpt_path=str(tmp_path / "last.ckpt"))
     assert trainer.global_step == 16
     assert resumed.accountant.steps == full.accountant.steps == 16
     assert resumed.noise_multiplier == full.noise_multiplier
@@ -274,7 +268,7 @@ def test_trainer_conflicts_are_errors(fast_trainer_kwargs, trainer_kw, dp_kw, ma
 
 def test_bf16_mixed_trains(fast_trainer_kwargs):
     dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0)
-    module = make_module()
+    module = BoringModel(**DP_MODULE)
     before = [p.detach().clone() for p in module.parameters()]
     fit(
         [dp],
@@ -293,18 +287,15 @@ def test_bf16_mixed_trains(fast_trainer_kwargs):
 def test_ghost_clipping_matches_hooks_and_needs_per_sample_losses(fast_trainer_kwargs):
     kw = dict(max_epochs=1, limit_train_batches=2, limit_val_batches=0)
     results = {}
+    ghost_module = dict(DP_MODULE, dropout=0.0, lr=0.5)
     for mode in ("hooks", "ghost"):
-        torch.manual_seed(0)
-        module = PerSampleLoss(LeNetDLG(channels=1, image_size=8), lr=0.5)
+        module = PerSampleLoss(**ghost_module)
         dp = DPSGD(
             max_grad_norm=0.1, noise_multiplier=0.0, poisson_sampling=False, grad_sample_mode=mode
         )
         fit([dp], fast_trainer_kwargs, module=module, **kw)
-        results[mode] = torch.cat([p.detach().flatten() for p in module.parameters()])
-    torch.manual_seed(0)
-    plain = torch.cat(
-        [p.detach().flatten() for p in LeNetDLG(channels=1, image_size=8).parameters()]
-    )
+        results[mode] = flat_parameters(module)
+    plain = flat_parameters(PerSampleLoss(**ghost_module))  # the same start, untrained
     assert not torch.allclose(results["hooks"], plain)
     assert torch.allclose(results["hooks"], results["ghost"], atol=1e-5)
     dp = DPSGD(max_grad_norm=0.1, noise_multiplier=1.0, grad_sample_mode="ghost")

@@ -2,25 +2,19 @@
 
 import warnings
 
-import lightning as L
 import pytest
-import torch
 import torch.nn.functional as F
+from helpers import BoringModel, digits, fit, loader
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_privacy.attacks import DeepLeakage, InvertingGradients
 from lightning_privacy.callbacks import GradientDefense, InversionAudit, LeakageMonitor
-from lightning_privacy.data import load_digits_tensors
 from lightning_privacy.defenses import GaussianNoise
-from lightning_privacy.models import LeNetDLG, LitClassifier
 
 
 def _loaders():
-    x, y = load_digits_tensors(image_size=8, channels=1)
-    train = DataLoader(TensorDataset(x[:32], y[:32]), batch_size=16)
-    val = DataLoader(TensorDataset(x[-8:], y[-8:]), batch_size=8)
-    return train, val
+    x, y = digits()
+    return loader(x[:32], y[:32], batch_size=16), loader(x[-8:], y[-8:], batch_size=8)
 
 
 def _observers():
@@ -33,13 +27,17 @@ def _observers():
 
 
 def _fit(callbacks, kwargs, max_epochs, **fit_kwargs):
-    torch.manual_seed(0)
-    module = LitClassifier(LeNetDLG(10, channels=1, image_size=8, width=4), lr=0.1)
     defense = GradientDefense(GaussianNoise(std=1e-3), seed=0)
-    trainer = L.Trainer(max_epochs=max_epochs, callbacks=[defense, *callbacks], **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        trainer.fit(module, *_loaders(), **fit_kwargs)
+        trainer, _ = fit(
+            kwargs,
+            [defense, *callbacks],
+            BoringModel(),
+            *_loaders(),
+            max_epochs=max_epochs,
+            **fit_kwargs,
+        )
     return trainer
 
 
@@ -63,11 +61,11 @@ def test_two_audits_and_two_monitors_resume_each_with_its_own_history(
         assert after.history[: len(before.history)] == before.history  # its own, not a neighbour's
 
 
-class LossFailsForObservers(LitClassifier):
+class LossFailsForObservers(BoringModel):
     """Trains with cross-entropy but hands observers a loss that raises."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
         self.loss_fn = _broken_loss
 
     def training_step(self, batch, batch_idx):
@@ -90,12 +88,11 @@ def _broken_loss(logits, targets):
     ids=["LeakageMonitor", "InversionAudit"],
 )
 def test_a_failing_measurement_warns_and_training_goes_on(fast_trainer_kwargs, make_observer):
-    torch.manual_seed(0)
-    module = LossFailsForObservers(LeNetDLG(10, channels=1, image_size=8, width=4), lr=0.1)
     train, val = _loaders()
     observer = make_observer(next(iter(val)))
-    trainer = L.Trainer(max_steps=2, callbacks=[observer], **fast_trainer_kwargs)
     with pytest.warns(RuntimeWarning, match="broken loss"):
-        trainer.fit(module, train)
+        trainer, _ = fit(
+            fast_trainer_kwargs, [observer], LossFailsForObservers(), train, max_steps=2
+        )
     assert trainer.global_step == 2
     assert [h["failed"] for h in observer.history] == ["raised RuntimeError: broken loss"] * 2
