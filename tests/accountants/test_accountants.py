@@ -5,7 +5,10 @@ import pytest
 import torch
 
 from lightning_privacy.accountants import (
+    ACCOUNTANTS,
+    Accountant,
     BatchClippingAccountant,
+    GaussianMechanismAccountant,
     GDPAccountant,
     PRVAccountant,
     RDPAccountant,
@@ -18,12 +21,61 @@ from lightning_privacy.functional.accounting import (
     dpsgd_noise_multiplier,
 )
 
+# Per registered accountant: constructor arguments and one release for `step` (batch clipping
+# counts epochs; the Opacus-backed ones steps of a subsampled Gaussian). Every registered
+# accountant must have an entry: the contract test fails for one that does not.
+ACCOUNTANT_TABLE = {
+    "batch_clipping": (dict(max_grad_norm=1.0, std=4.0), dict(epochs=2)),
+    "gdp": ({}, dict(noise_multiplier=1.0, sample_rate=0.01, steps=20)),
+    "prv": ({}, dict(noise_multiplier=1.0, sample_rate=0.01, steps=20)),
+    "rdp": ({}, dict(noise_multiplier=1.0, sample_rate=0.01, steps=20)),
+}
+OPACUS_BACKED = [
+    n for n in ACCOUNTANTS if issubclass(ACCOUNTANTS.get(n), GaussianMechanismAccountant)
+]
+# GDP rejects a change of noise multiplier or sample rate: its history keeps them fixed
+FIXED_MECHANISM = {"gdp"}
 
-@pytest.mark.parametrize("name", ["rdp", "prv"])
+
+def _table_entry(name):
+    if name not in ACCOUNTANT_TABLE:
+        pytest.fail(
+            f"The registered accountant {name!r} has no entry in ACCOUNTANT_TABLE: add its "
+            "constructor arguments and a release."
+        )
+    return ACCOUNTANT_TABLE[name]
+
+
+@pytest.mark.parametrize("name", list_accountants())
+def test_every_registered_accountant_keeps_the_interface_contract(name):
+    """An Accountant named by its mechanism; ε = 0 before any release; epsilon_after looks
+    ahead without recording; state_dict/load_state_dict round-trip ε."""
+    init, release = _table_entry(name)
+    delta = 1e-5
+    acct = create_accountant(name, **init)
+    assert isinstance(acct, Accountant) and type(acct) is ACCOUNTANTS.get(name)
+    assert acct.mechanism == name
+    assert acct.get_epsilon(delta) == 0.0
+    empty = acct.state_dict()
+    ahead = acct.epsilon_after(delta, **release)
+    assert ahead > 0
+    assert acct.get_epsilon(delta) == 0.0 and acct.state_dict() == empty  # nothing recorded
+    acct.step(**release)
+    epsilon = acct.get_epsilon(delta)
+    assert epsilon == pytest.approx(ahead, rel=1e-12)
+    restored = create_accountant(name, **init)
+    restored.load_state_dict(acct.state_dict())
+    assert restored.get_epsilon(delta) == epsilon
+
+
+@pytest.mark.parametrize("name", OPACUS_BACKED)
 def test_wrapper_matches_opacus_stepwise(name):
     ours = create_accountant(name)
     theirs = oa.create_accountant(name)
-    for z, q, n in [(1.1, 0.02, 30), (0.8, 0.05, 7)]:
+    schedule = [(1.1, 0.02, 30), (0.8, 0.05, 7)]
+    if name in FIXED_MECHANISM:
+        schedule = [(1.1, 0.02, 30), (1.1, 0.02, 7)]
+    for z, q, n in schedule:
         ours.step(noise_multiplier=z, sample_rate=q, steps=n)
         for _ in range(n):
             theirs.step(noise_multiplier=z, sample_rate=q)

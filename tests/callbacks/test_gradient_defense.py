@@ -19,14 +19,15 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning_privacy.callbacks import GradientDefense
 from lightning_privacy.callbacks._noise_ahead import NoiseAhead
 from lightning_privacy.defenses import (
+    DEFENSES,
     GaussianNoise,
     GradientClipping,
     GradientTransform,
     LaplaceNoise,
-    LowRankFiltering,
     MagnitudePruning,
     RandomPruning,
     apply_transforms,
+    create_defense,
 )
 from lightning_privacy.functional import global_norm, parameter_gradients
 from lightning_privacy.functional.seeding import derive_seed
@@ -72,14 +73,27 @@ def test_std_zero_is_bitwise_identical(fast_trainer_kwargs):
     assert not torch.equal(params(plain)["net.0.weight"], params(noisy)["net.0.weight"])
 
 
+# one setting per registered defense: every one runs alone in a real fit (a new one needs a row)
+SETTINGS = {
+    "gaussian_noise": dict(std=0.05),
+    "gradient_clipping": dict(max_norm=0.1),
+    "laplace_noise": dict(scale=0.05),
+    "low_rank": dict(rank=1),
+    "magnitude_pruning": dict(ratio=0.7),
+    "random_pruning": dict(ratio=0.5),
+}
+
+
+def _each_registered_defense():
+    missing = [name for name in DEFENSES if name not in SETTINGS]
+    if missing:
+        raise LookupError(f"Add a setting to SETTINGS for the registered defense(s) {missing}.")
+    return [[create_defense(name, **SETTINGS[name])] for name in DEFENSES]
+
+
 PIPELINES = [
-    [GaussianNoise(std=0.05)],
-    [LaplaceNoise(scale=0.05)],
-    [GradientClipping(max_norm=0.1)],
-    [MagnitudePruning(ratio=0.7)],
+    *_each_registered_defense(),
     [MagnitudePruning(ratio=0.7, scope="global")],
-    [RandomPruning(ratio=0.5)],
-    [LowRankFiltering(rank=1)],
     [GradientClipping(max_norm=0.1), GaussianNoise(std=0.01)],
 ]
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lightning_privacy.defenses import (
+    DEFENSES,
     AdditiveNoise,
     GaussianNoise,
     GradientClipping,
@@ -34,12 +35,62 @@ NAMES = {
 }
 
 
+def _entry(name):
+    """The class and example settings of a registered defense (every one needs an entry)."""
+    if name not in NAMES:
+        pytest.fail(
+            f"The registered defense {name!r} has no entry in NAMES: add its class and settings."
+        )
+    return NAMES[name]
+
+
 def test_registry_names_and_classes():
     assert list_defenses() == sorted(NAMES)
-    for name, (cls, kwargs) in NAMES.items():
+    for name in DEFENSES:
+        cls, kwargs = _entry(name)
         obj = create_defense(name, **kwargs)
         assert type(obj) is cls and isinstance(obj, GradientTransform)
         assert obj.provides_formal_dp is False
+
+
+def _gradients():
+    g = torch.Generator().manual_seed(0)
+    return [
+        torch.randn(6, 5, generator=g),
+        torch.randn(5, generator=g),
+        torch.randn(2, 3, 3, generator=g),
+    ]
+
+
+@pytest.mark.parametrize("name", list_defenses())
+def test_every_registered_defense_keeps_the_interface_contract(name):
+    """A frozen dataclass with a `strength` field; new tensors of the input shapes, the input left
+    alone; randomness from the `generator` only, and drawn from it exactly when it says so."""
+    cls, kwargs = _entry(name)
+    assert DEFENSES.get(name) is cls
+    defense = create_defense(name, **kwargs)
+    assert isinstance(defense, GradientTransform)
+    assert dataclasses.is_dataclass(defense) and cls.__dataclass_params__.frozen
+    fields = {f.name for f in dataclasses.fields(defense)}
+    assert cls.strength in fields and "strength" not in fields  # a ClassVar naming a field
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(defense, cls.strength, getattr(defense, cls.strength))
+
+    grads = _gradients()
+    before = [g.clone() for g in grads]
+    global_state = torch.get_rng_state()
+    generator = torch.Generator().manual_seed(3)
+    generator_state = generator.get_state()
+    out = defense(grads, generator=generator)
+    again = defense(grads, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(torch.get_rng_state(), global_state)  # the global stream is untouched
+    assert cls.uses_randomness == (not torch.equal(generator.get_state(), generator_state))
+    assert isinstance(out, list) and len(out) == len(grads)
+    for o, a, g, b in zip(out, again, grads, before, strict=True):
+        assert isinstance(o, torch.Tensor) and o.shape == g.shape and o.dtype == g.dtype
+        assert o.data_ptr() != g.data_ptr()  # a copy, not a view of the input
+        assert torch.equal(g, b)  # the input is not mutated
+        assert torch.equal(o, a)  # same generator seed, same output
 
 
 def test_unknown_name_suggests():
