@@ -1,25 +1,22 @@
 """2-process DDP DP-SGD on CPU (gloo): replicas stay identical, ε equals one process's."""
 
-import subprocess
-import sys
 import textwrap
 
-import lightning as L
 import pytest
 import torch
+from ddp_launch import run_script
+from helpers import BoringModel, digits_datamodule, fit
 
 from lightning_privacy.callbacks.dpsgd import DPSGD
-from lightning_privacy.data import DigitsDataModule
-from lightning_privacy.models import LeNetDLG, LitClassifier
 
+# run through ddp_launch.run_script, which puts tests/ on PYTHONPATH for helpers; the module is
+# the shared one without BatchNorm (Opacus has no per-sample gradients for it)
 SCRIPT = textwrap.dedent(
     """
     import sys, torch, lightning as L
+    from helpers import BoringModel, ddp_trainer_kwargs, digits_datamodule, fit
     from lightning.pytorch.callbacks import Callback
-    from lightning.pytorch.strategies import DDPStrategy
     from lightning_privacy.callbacks.dpsgd import DPSGD
-    from lightning_privacy.data import DigitsDataModule
-    from lightning_privacy.models import LeNetDLG, LitClassifier
 
     torch.set_num_threads(1)
     out = sys.argv[1]
@@ -60,17 +57,14 @@ SCRIPT = textwrap.dedent(
 
     if __name__ == "__main__":
         L.seed_everything(0, verbose=False)
-        module = LitClassifier(LeNetDLG(channels=1, image_size=8), lr=0.5)
+        module = BoringModel(batch_norm=False, lr=0.5)
         # max_epsilon: epoch 3 would pass 1.53 (eps after 2 epochs: 1.48, after 3: 1.58)
         dp = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, max_epsilon=1.53)
-        trainer = L.Trainer(
-            accelerator="cpu", devices=2,
-            strategy=DDPStrategy(process_group_backend="gloo", start_method="fork"),
+        fit(
+            ddp_trainer_kwargs(start_method="fork"), [dp, Save(dp)], module, digits_datamodule(),
             use_distributed_sampler=False, max_epochs=3, limit_train_batches=3,
-            limit_val_batches=0, callbacks=[dp, Save(dp)], logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            limit_val_batches=0,
         )
-        trainer.fit(module, DigitsDataModule(image_size=8, batch_size=64))
     """
 )
 
@@ -79,21 +73,12 @@ SCRIPT = textwrap.dedent(
 def test_ddp_dpsgd_replicas_identical_and_epsilon_as_single_process(tmp_path, fast_trainer_kwargs):
     script = tmp_path / "ddp_dpsgd.py"
     script.write_text(SCRIPT)
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script(script, str(tmp_path), cwd=tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["world_size"] == 2
     for a, b in zip(r0["params"], r1["params"], strict=True):
         assert torch.equal(a, b)
-    torch.manual_seed(0)
-    init = [p.detach() for p in LeNetDLG(channels=1, image_size=8).parameters()]
+    init = list(BoringModel(batch_norm=False).parameters())  # seeded as in the script
     assert any(not torch.equal(a, b) for a, b in zip(r0["params"], init, strict=True))  # it trained
     assert r0["steps"] == r1["steps"] == 6
     assert r0["epsilon"] == r1["epsilon"]
@@ -108,17 +93,10 @@ def test_ddp_dpsgd_replicas_identical_and_epsilon_as_single_process(tmp_path, fa
 
     # the same global batch (64) in one process gives the same sample rate, steps and ε
     single = DPSGD(max_grad_norm=1.0, noise_multiplier=1.0)
-    trainer = L.Trainer(
-        callbacks=[single],
-        max_epochs=2,
-        limit_train_batches=3,
-        limit_val_batches=0,
-        **fast_trainer_kwargs,
-    )
-    trainer.fit(
-        LitClassifier(LeNetDLG(channels=1, image_size=8)),
-        DigitsDataModule(image_size=8, batch_size=64),
-    )
+    module = BoringModel(batch_norm=False)
+    data = digits_datamodule(batch_size=64)
+    kw = dict(max_epochs=2, limit_train_batches=3, limit_val_batches=0)
+    fit(fast_trainer_kwargs, [single], module, data, **kw)
     assert single.sample_rate == r0["sample_rate"]
     assert single.delta == r0["delta"]
     assert single.accountant.steps == 6
