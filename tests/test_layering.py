@@ -36,6 +36,7 @@ LAYERS = {
     "lightning_privacy.metrics": 2,
     "lightning_privacy.leakage": 2,
     "lightning_privacy.engines": 2,
+    "lightning_privacy.adapters": 2,
     "lightning_privacy.models": 2,
     "lightning_privacy.data": 2,
     "lightning_privacy.models.lit": 3,

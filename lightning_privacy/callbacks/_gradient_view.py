@@ -20,17 +20,22 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
+from lightning_privacy._validation import check_float, check_int
+from lightning_privacy.adapters import AdaptedModel, ModelAdapter, check_adapter, resolve_adapter
 from lightning_privacy.callbacks import _trainer_internals as internals
-from lightning_privacy.callbacks._observer import isolated
+from lightning_privacy.callbacks._observer import ScheduledObserver, isolated
 from lightning_privacy.defenses.base import GradientTransform, apply_transforms
 from lightning_privacy.functional.gradients import parameter_gradients, select_parameters
 
@@ -40,6 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DefenseView",
+    "GradientObserver",
     "ObservedGradients",
     "find_gradient_defense",
     "fix_held_out_batch",
@@ -47,6 +53,7 @@ __all__ = [
     "module_loss_fn",
     "observed_gradients",
     "split_batch",
+    "training_step_loss",
     "used_parameters",
     "validation_batch",
 ]
@@ -199,3 +206,213 @@ def used_parameters(names: Sequence[str], model: nn.Module) -> dict[str, Tensor]
     """The parameters of ``model`` named in ``names``."""
     params = dict(model.named_parameters())
     return {n: params[n] for n in names}
+
+
+class GradientObserver(ScheduledObserver):
+    """Base of the observers that replay the training loss on a fixed held-out batch.
+
+    It takes the batch once (``batch=`` or the first validation batch), splits it with the
+    :class:`~lightning_privacy.ModelAdapter` (``adapter=``, else the module's ``privacy_adapter``,
+    else the default), and before the first training step runs one forward, loss and gradient of
+    it through the adapter (:func:`~lightning_privacy.adapters.check_adapter`): every problem is
+    raised at once, naming the fix. It also compares the adapter's loss with what
+    ``training_step`` returns on that batch and warns when they differ: the observers would then
+    attack another gradient than the one training shares.
+
+    Args:
+        batch: The held-out batch in any format the adapter unpacks; default: the first
+            validation batch.
+        num_samples: Examples of it the measurement uses.
+        adapter: How to replay the loss (:class:`~lightning_privacy.ModelAdapter`).
+        max_seconds: Wall-time bound of one measurement.
+        every_n_epochs: See :class:`ScheduledObserver`.
+        every_n_train_steps: See :class:`ScheduledObserver`.
+        seed: See :class:`ScheduledObserver`.
+        on_error: See :class:`ScheduledObserver`.
+    """
+
+    #: Take at most the batch's size when ``num_samples`` asks for more (else it is an error).
+    clamp_num_samples: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        *,
+        every_n_epochs: int | None,
+        every_n_train_steps: int | None,
+        batch: Any,
+        num_samples: int,
+        adapter: ModelAdapter | None,
+        max_seconds: float | None,
+        seed: int,
+        on_error: str,
+    ) -> None:
+        super().__init__(
+            every_n_epochs=every_n_epochs,
+            every_n_train_steps=every_n_train_steps,
+            seed=seed,
+            on_error=on_error,
+        )
+        self.num_samples = check_int("num_samples", num_samples, low=1)
+        if adapter is not None and not isinstance(adapter, ModelAdapter):
+            raise TypeError(
+                "Expected `adapter` to be a lightning_privacy.ModelAdapter, but got "
+                f"{type(adapter).__name__}."
+            )
+        self.adapter = adapter
+        self.max_seconds = (
+            None
+            if max_seconds is None
+            else check_float("max_seconds", max_seconds, low=0.0, low_open=True)
+        )
+        if batch is not None:  # the format is checked now; the module's own adapter in setup
+            self._held_out_of(adapter or ModelAdapter(), batch)
+        self.batch = batch
+        self._adapter: ModelAdapter | None = None
+        self._held_out: tuple[Tensor, Tensor] | None = None
+        self._raw_batch: Any = None
+
+    def _needs_continuous(self) -> bool:
+        """Whether the measurement differentiates with respect to the inputs (attacks, I2F)."""
+        return True
+
+    def _setup_problems(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[str]:
+        """Further problems a subclass finds before training (default: none)."""
+        return []
+
+    def _held_out_of(self, adapter: ModelAdapter, batch: Any) -> tuple[Tensor, Tensor]:
+        inputs, targets = adapter.unpack(batch)
+        size = len(inputs) if isinstance(inputs, Tensor) else 0
+        if self.num_samples > size and not self.clamp_num_samples:
+            raise ValueError(
+                f"Expected `num_samples` to be <= the held-out batch size {size}, "
+                f"but got {self.num_samples} (int)."
+            )
+        n = min(self.num_samples, size)
+        return inputs[:n].detach().clone(), targets[:n].detach().clone()
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Take and split the held-out batch; collect every problem found before training."""
+        if stage != "fit":
+            return
+        self._adapter = resolve_adapter(pl_module, self.adapter)
+        problems: list[str] = []
+        batch = fix_held_out_batch(trainer, pl_module, self.batch, seed=self.seed)
+        if batch is None:
+            problems.append(
+                "no held-out batch: pass `batch=(inputs, targets)` or give the Trainer "
+                "validation data"
+            )
+        else:
+            try:
+                self._held_out = self._held_out_of(self._adapter, batch)
+                self._raw_batch = _first_examples(batch, len(self._held_out[0]))
+            except (TypeError, ValueError) as err:
+                problems.append(str(err).rstrip("."))
+        problems += self._setup_problems(trainer, pl_module)
+        if problems:
+            raise ValueError(f"{type(self).__name__} cannot run: " + "; ".join(problems) + ".")
+        self._bind_generator(pl_module.device)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Replay the loss once through the adapter: fail now, not at the first measurement."""
+        adapter, (inputs, targets) = self._require_adapter(), self._device_held_out(pl_module)
+        with isolated(pl_module, train=False, seed=self.seed), torch.enable_grad():
+            problems = check_adapter(
+                pl_module, adapter, inputs, targets, continuous=self._needs_continuous()
+            )
+        if problems:
+            raise ValueError(
+                f"{type(self).__name__} cannot replay the training loss on the held-out batch: "
+                + "; ".join(problems)
+                + "."
+            )
+        self._compare_with_training_step(pl_module, adapter, inputs, targets)
+
+    def _compare_with_training_step(
+        self, pl_module: L.LightningModule, adapter: ModelAdapter, inputs: Tensor, targets: Tensor
+    ) -> None:
+        with isolated(pl_module, train=False, seed=self.seed), torch.no_grad():
+            replayed = float(adapter.loss(adapter.forward(pl_module, inputs), targets))
+        trained = training_step_loss(pl_module, self._raw_batch, seed=self.seed)
+        name = type(self).__name__
+        if trained is None:
+            if adapter.loss_source == "default cross-entropy":
+                rank_zero_info(
+                    f"{name} replays the training loss as mean cross-entropy (the module has no "
+                    "`loss_fn`); pass adapter=ModelAdapter(loss_fn=...) if training_step uses "
+                    "another loss."
+                )
+            return
+        if abs(replayed - trained) > 1e-4 * max(1.0, abs(trained)):
+            rank_zero_warn(
+                f"{name}: the loss the observers replay ({replayed:.6g}, {adapter.loss_source}) "
+                f"differs from the loss training_step returns on the held-out batch "
+                f"({trained:.6g}): the gradient they attack is not the one training shares. Pass "
+                "adapter=ModelAdapter(loss_fn=...) with training_step's loss and reduction."
+            )
+
+    def _require_adapter(self) -> ModelAdapter:
+        if self._adapter is None or self._held_out is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before training hooks.")
+        return self._adapter
+
+    def _device_held_out(self, pl_module: L.LightningModule) -> tuple[Tensor, Tensor]:
+        assert self._held_out is not None  # set in setup
+        inputs, targets = self._held_out
+        return inputs.to(pl_module.device), targets.to(pl_module.device)
+
+    def _adapted(self, pl_module: L.LightningModule, *, embedded: bool = False) -> AdaptedModel:
+        """The module as ``inputs -> outputs`` through the adapter (same parameter names)."""
+        return AdaptedModel(pl_module, self._require_adapter(), embedded=embedded)
+
+
+def _first_examples(batch: Any, n: int) -> Any:
+    """The first ``n`` examples of a tuple/list/dict batch of tensors (``None``: cannot slice)."""
+    if isinstance(batch, Mapping):
+        return {k: v[:n] if isinstance(v, Tensor) else v for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(v[:n] if isinstance(v, Tensor) else v for v in batch)
+    return None
+
+
+def training_step_loss(pl_module: L.LightningModule, batch: Any, *, seed: int) -> float | None:
+    """The loss ``training_step`` returns on ``batch`` in eval mode, with no side effect.
+
+    Logging is silenced, torchmetrics states are restored, the global RNG is forked and no graph
+    is built. ``None`` when it cannot be run that way (manual optimization, no batch, an error, a
+    result without a loss).
+    """
+    if batch is None or not pl_module.automatic_optimization:
+        return None
+    with isolated(pl_module, train=False, seed=seed), torch.no_grad(), _quiet(pl_module):
+        try:
+            result = pl_module.training_step(batch, 0)
+        except Exception:  # the comparison is a courtesy; the adapter's own check has run
+            return None
+    loss = result.get("loss") if isinstance(result, Mapping) else result
+    if not isinstance(loss, Tensor) or loss.ndim > 1 or loss.numel() == 0:
+        return None
+    return float(loss.float().mean())  # per-sample losses (DPSGD's opt-in) count as their mean
+
+
+@contextlib.contextmanager
+def _quiet(pl_module: L.LightningModule) -> Iterator[None]:
+    """No ``self.log`` / ``self.log_dict`` and torchmetrics states put back afterwards."""
+    import copy
+
+    from torchmetrics import Metric
+
+    metrics = [m for m in pl_module.modules() if isinstance(m, Metric)]
+    saved = [copy.deepcopy((m.metric_state, m._update_count, m._computed)) for m in metrics]
+    silent: Any = lambda *args, **kwargs: None  # noqa: E731 (one no-op for both methods)
+    pl_module.log = pl_module.log_dict = silent  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del pl_module.log, pl_module.log_dict
+        for metric, (state, count, computed) in zip(metrics, saved, strict=True):
+            for name, value in state.items():
+                setattr(metric, name, value)
+            metric._update_count, metric._computed = count, computed

@@ -11,9 +11,12 @@ gradients (the gradient observers add :mod:`lightning_privacy.callbacks._gradien
   training hooks (never validation ones: measurements may need autograd), owns the observer's
   generator, history and checkpoint state, gives each instance a ``state_key`` from its defining
   arguments (so two observers of one class coexist in a Trainer and a checkpoint), and applies
-  the one failure policy: a measurement that raises logs a ``RuntimeWarning``, is recorded in
-  ``history`` and training goes on;
-* :func:`isolated` -- a context that forks the global RNG, sets train/eval mode and restores both;
+  the one failure policy (``on_error="warn"``, the default): a measurement that raises or
+  returns NaN warns once per cause with the step, is recorded in ``history``, logs
+  ``<prefix>/failed = 1`` and NaN under every key it logged before (so no stale value stands in
+  ``callback_metrics`` or the loggers), and training goes on; ``on_error="raise"`` re-raises;
+* :func:`isolated` -- a context that forks the global RNG, sets train/eval mode and restores both,
+  with attention on its differentiable (math) backend;
 * :func:`log_rank_zero` -- rank-0 scalars to every logger and into ``trainer.callback_metrics``.
 
 Example:
@@ -25,18 +28,23 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_privacy._validation import check_int, check_optional_schedule
+from lightning_privacy._validation import check_choice, check_int, check_optional_schedule
+from lightning_privacy.functional.gradients import differentiable_attention
 
-__all__ = ["ObserverSchedule", "ScheduledObserver", "isolated", "log_rank_zero"]
+__all__ = ["ON_ERROR", "ObserverSchedule", "ScheduledObserver", "isolated", "log_rank_zero"]
+
+#: What an observer does when a measurement fails.
+ON_ERROR = ("warn", "raise")
 
 
 class ObserverSchedule:
@@ -90,14 +98,24 @@ class ScheduledObserver(L.Callback):
         (-1, "Counter{'every_n_epochs': None, 'every_n_train_steps': 5}")
     """
 
+    metric_prefix: ClassVar[str] = "observer"
+
     def __init__(
-        self, *, every_n_epochs: int | None, every_n_train_steps: int | None, seed: int
+        self,
+        *,
+        every_n_epochs: int | None,
+        every_n_train_steps: int | None,
+        seed: int,
+        on_error: str = "warn",
     ) -> None:
         self.schedule = ObserverSchedule(every_n_epochs, every_n_train_steps)
         self.seed = check_int("seed", seed)
+        self.on_error = check_choice("on_error", on_error, ON_ERROR)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.history: list[dict[str, Any]] = []
         self._last_step = -1
+        self._published: set[str] = set()
+        self._warned: set[str] = set()
 
     def _observe(self, trainer: L.Trainer, pl_module: L.LightningModule, *, on_step: bool) -> None:
         raise NotImplementedError
@@ -127,17 +145,48 @@ class ScheduledObserver(L.Callback):
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, *, on_step: bool) -> None:
         try:
             self._observe(trainer, pl_module, on_step=on_step)
-        except Exception as err:  # an observer must never stop training
+        except Exception as err:  # an observer must never stop training (unless asked to)
+            if self.on_error == "raise":
+                raise
             self._failed(trainer, f"raised {type(err).__name__}: {err}")
+            self._publish(trainer, pl_module, self._failure_metrics(), on_step=on_step)
 
     def _failed(self, trainer: L.Trainer, what: str) -> None:
-        """The failure policy: warn, record, go on."""
-        message = (
-            f"{type(self).__name__}: {self._subject()} {what} at step {trainer.global_step}; "
-            "no metrics logged, training continues."
-        )
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        """The failure policy: record, warn once per cause, go on."""
         self.history.append({"step": trainer.global_step, "failed": what})
+        cause = what.split(":")[0]
+        if cause in self._warned:
+            return
+        self._warned.add(cause)
+        warnings.warn(
+            f"{type(self).__name__}: {self._subject()} {what} at step {trainer.global_step}; "
+            f"{self.metric_prefix}/failed = 1 and its other metrics are NaN for this step, "
+            "training continues.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _failure_metrics(self) -> dict[str, float]:
+        """``<prefix>/failed = 1`` and NaN for every key published before."""
+        return {f"{self.metric_prefix}/failed": 1.0, **dict.fromkeys(self._published, math.nan)}
+
+    def _publish(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        metrics: Mapping[str, float],
+        *,
+        on_step: bool,
+    ) -> None:
+        """Log scalars every rank computed alike (``pl_module.log``); remember their keys."""
+        for key, value in metrics.items():
+            pl_module.log(key, value, on_step=on_step, on_epoch=not on_step, batch_size=1)
+        self._published.update(k for k in metrics if not k.endswith("/failed"))
+
+    @staticmethod
+    def _first_nan(metrics: Mapping[str, float]) -> str | None:
+        """The first key whose value is NaN (a measurement that "returned NaN")."""
+        return next((k for k, v in metrics.items() if isinstance(v, float) and math.isnan(v)), None)
 
     @override
     def on_train_batch_end(
@@ -184,7 +233,9 @@ def isolated(module: nn.Module, *, train: bool, seed: int | None = None) -> Iter
     """Fork the global RNG, set train/eval mode, and restore both on exit.
 
     Dropout inside the block draws from a forked stream seeded with ``seed``, so the training
-    stream is bitwise unchanged.
+    stream is bitwise unchanged. Attention runs on its math backend
+    (:func:`~lightning_privacy.functional.gradients.differentiable_attention`), which has the
+    double backward and forward-mode derivatives the measurements need.
 
     Example:
         >>> m = torch.nn.Dropout(0.5).train()
@@ -196,7 +247,7 @@ def isolated(module: nn.Module, *, train: bool, seed: int | None = None) -> Iter
     """
     modes = {name: sub.training for name, sub in module.named_modules()}
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), differentiable_attention():
         if seed is not None:
             torch.manual_seed(seed)
         module.train(train)

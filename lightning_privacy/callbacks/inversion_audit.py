@@ -12,10 +12,19 @@ Hooks: ``on_train_batch_end`` (``every_n_train_steps``) and ``on_train_epoch_end
 (``every_n_epochs``; the default is once per epoch). Attacks need autograd, so they never run in
 validation hooks.
 
+The user's module: a :class:`~lightning_privacy.ModelAdapter` (``adapter=``, or the module's
+``privacy_adapter`` attribute) says how the held-out batch splits into inputs and targets, how the
+module is called and which loss ``training_step`` uses (default: ``(x, y)`` or dict batches,
+``module(x)``, the module's ``loss_fn`` or cross-entropy). Before the first training step the
+audit replays that loss once on the batch and raises every problem at once (channels, image size,
+labels out of range, a forward that needs more arguments, an operation without double backward),
+and warns if the replayed loss differs from what ``training_step`` returns. Attention runs on the
+math backend, so fused attention (timm, torchvision, Hugging Face) needs no change.
+
 Ranks: only global rank 0 attacks. The attack runs synchronously inside the hook and is
-**bounded by** ``max_seconds``: the other ranks wait for at most that long (in a broadcast of
-rank 0's results at the end of the hook, where they would otherwise wait at the next gradient
-all-reduce). Under a distributed strategy with ``max_seconds=None`` the bound is half the process
+**bounded by** ``max_seconds`` (120 s by default): the other ranks wait for at most that long (in
+a broadcast of rank 0's results at the end of the hook, where they would otherwise wait at the
+next gradient all-reduce). Under a distributed strategy the bound is at most half the process
 group's timeout, so a DDP run never hits a collective timeout.
 
 Never changes the training trajectory: no ``.backward()`` on the model, no ``.grad`` written, BN
@@ -28,11 +37,15 @@ so ``EarlyStopping(monitor="attack/psnr")`` can watch them, also under DDP): ``a
 ``attack/defended``, ``attack/labels_known``, ``attack/bn_stats_known`` (0/1) plus, in
 ``history`` and as TensorBoard text, the placement and BN mode; text models log
 ``attack/token_precision`` and ``attack/token_recall``. Images: a grid of truth (top row) vs
-reconstruction (bottom row) via TensorBoard ``add_image`` / W&B ``log_image`` when the logger has
-them, otherwise PNG files under ``<log_dir>/inversion_audit/``. With validation data, put the
-audit before ``EarlyStopping(..., check_on_train_epoch_end=True)``.
+reconstruction (bottom row) to every logger in its own way (TensorBoard ``add_image``, W&B
+``log_image``, MLflow ``log_image``, CSV: ``0600`` PNGs under ``<log_dir>/inversion_audit/``) and
+to ``image_dir``; never into the working directory (``callbacks/_images.py``). With validation
+data, put the audit before ``EarlyStopping(..., check_on_train_epoch_end=True)``.
 
-An attack that raises or returns NaN logs a warning; training continues.
+An attack that raises or returns NaN warns (once per cause), logs ``attack/failed = 1`` and NaN
+under the other ``attack/*`` keys (no stale value stays in ``callback_metrics``); training
+continues (``on_error="raise"`` re-raises instead). A measurement that succeeds logs
+``attack/failed = 0``.
 
 Example:
     >>> import lightning as L, torch
@@ -45,8 +58,9 @@ Example:
     ...                     enable_checkpointing=False, enable_model_summary=False)
     >>> module = LitClassifier(LeNetDLG(num_classes=10, channels=1, image_size=8))
     >>> trainer.fit(module, DigitsDataModule(image_size=8, batch_size=8))
-    >>> sorted(k for k in trainer.callback_metrics if k.startswith("attack/"))[:3]
-    ['attack/bn_stats_known', 'attack/defended', 'attack/label_acc']
+    >>> metrics = trainer.callback_metrics
+    >>> "attack/psnr" in metrics, "attack/label_acc" in metrics, metrics["attack/failed"].item()
+    (True, True, 0.0)
 """
 
 from __future__ import annotations
@@ -61,24 +75,28 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from typing_extensions import override
 
-from lightning_privacy._validation import check_choice, check_float, check_int
+from lightning_privacy._validation import check_bool
+from lightning_privacy.adapters import ModelAdapter
 from lightning_privacy.attacks import Attack, create_attack
 from lightning_privacy.callbacks import _trainer_internals as internals
 from lightning_privacy.callbacks._gradient_view import (
+    GradientObserver,
     find_gradient_defense,
-    fix_held_out_batch,
-    module_loss_fn,
     observed_gradients,
-    split_batch,
 )
-from lightning_privacy.callbacks._observer import ScheduledObserver, isolated, log_rank_zero
+from lightning_privacy.callbacks._images import (
+    check_image_dir,
+    reconstruction_grid,
+    send_image,
+    send_text,
+)
+from lightning_privacy.callbacks._observer import isolated, log_rank_zero
 from lightning_privacy.functional.attacks.common import Reconstruction, bn_mode
 from lightning_privacy.metrics import reconstruction_metrics
 
 
-class InversionAudit(ScheduledObserver):
+class InversionAudit(GradientObserver):
     """Run a gradient-inversion attack on a held-out batch on a schedule and log its success.
 
     Args:
@@ -87,11 +105,18 @@ class InversionAudit(ScheduledObserver):
         every_n_epochs: Attack at the end of every n-th training epoch.
         every_n_train_steps: Attack after every n-th optimizer step (not both; neither means
             once per epoch).
-        batch: ``(inputs, targets)`` to attack; default: taken once from the validation data.
+        batch: The batch to attack, in any format the adapter unpacks (``(inputs, targets)``, a
+            dict, ...); default: taken once from the validation data.
         num_samples: How many examples of the held-out batch the attacked gradient covers.
-        max_seconds: Wall-time bound of one attack (keeps the best iterate so far).
+        adapter: How to replay the training loss on the user's module
+            (:class:`~lightning_privacy.ModelAdapter`); default: the module's
+            ``privacy_adapter`` attribute, else ``ModelAdapter()``.
+        max_seconds: Wall-time bound of one attack (keeps the best iterate so far); ``None``:
+            unbounded in one process, half the process group's timeout under DDP.
         apply_defenses: Attack the gradient after the Trainer's ``GradientDefense``.
         log_images: Log truth-vs-reconstruction grids.
+        image_dir: Also write the grids as PNG files here (``0600``, folders made ``0700``).
+        on_error: ``"warn"`` (a failed attack warns and training goes on) or ``"raise"``.
         seed: Seed of the audit's generator (defense draws, attack starts).
 
     Attributes:
@@ -112,9 +137,12 @@ class InversionAudit(ScheduledObserver):
         every_n_train_steps: int | None = None,
         batch: Any = None,
         num_samples: int = 1,
-        max_seconds: float | None = None,
+        adapter: ModelAdapter | None = None,
+        max_seconds: float | None = 120.0,
         apply_defenses: bool = True,
         log_images: bool = True,
+        image_dir: str | Path | None = None,
+        on_error: str = "warn",
         seed: int = 0,
     ) -> None:
         self.attack: Attack = create_attack(attack) if isinstance(attack, str) else attack
@@ -124,21 +152,19 @@ class InversionAudit(ScheduledObserver):
                 f"but got {type(attack).__name__}."
             )
         super().__init__(
-            every_n_epochs=every_n_epochs, every_n_train_steps=every_n_train_steps, seed=seed
+            every_n_epochs=every_n_epochs,
+            every_n_train_steps=every_n_train_steps,
+            batch=batch,
+            num_samples=num_samples,
+            adapter=adapter,
+            max_seconds=max_seconds,
+            seed=seed,
+            on_error=on_error,
         )
-        self.num_samples = check_int("num_samples", num_samples, low=1)
-        self.max_seconds = (
-            None
-            if max_seconds is None
-            else check_float("max_seconds", max_seconds, low=0.0, low_open=True)
-        )
-        self.apply_defenses = check_choice("apply_defenses", apply_defenses, (True, False))
-        self.log_images = check_choice("log_images", log_images, (True, False))
-        if batch is not None:
-            split_batch(batch, self.num_samples)
-        self.batch = batch
+        self.apply_defenses = check_bool("apply_defenses", apply_defenses)
+        self.log_images = check_bool("log_images", log_images)
+        self.image_dir = check_image_dir(image_dir)
         self.last: Reconstruction | None = None
-        self._held_out: tuple[Tensor, Tensor] | None = None
         self._bound: float | None = self.max_seconds
 
     def _defining_arguments(self) -> dict[str, Any]:
@@ -149,35 +175,20 @@ class InversionAudit(ScheduledObserver):
             "apply_defenses": self.apply_defenses,
         }
 
+    metric_prefix = "attack"
+
     def _subject(self) -> str:
         return f"the {type(self.attack).__name__} attack"
 
     # ------------------------------------------------------------------ setup
-    @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Check everything that can fail before training and fix the held-out batch."""
-        if stage != "fit":
-            return
-        problems: list[str] = []
-        batch = fix_held_out_batch(trainer, pl_module, self.batch, seed=self.seed)
-        if batch is None:
-            problems.append(
-                "no held-out batch: pass `batch=(inputs, targets)` or give the Trainer "
-                "validation data"
-            )
-        else:
-            try:
-                inputs, targets = split_batch(batch, self.num_samples)
-            except (TypeError, ValueError) as err:
-                problems.append(str(err).rstrip("."))
-            else:
-                problems += self._modality_problems(inputs)
-                self._held_out = (inputs.detach().clone(), targets.detach().clone())
-        if problems:
-            raise ValueError("InversionAudit cannot run: " + "; ".join(problems) + ".")
-        if trainer.world_size > 1 and self.max_seconds is None:
-            self._bound = 0.5 * internals.process_group_timeout(trainer).total_seconds()
-        self._bind_generator(pl_module.device)
+    def _needs_continuous(self) -> bool:
+        return self.attack.modality != "text"  # token attacks read the embedding gradient
+
+    def _setup_problems(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[str]:
+        if trainer.world_size > 1:  # never past the collective the other ranks wait in
+            half = 0.5 * internals.process_group_timeout(trainer).total_seconds()
+            self._bound = half if self.max_seconds is None else min(self.max_seconds, half)
+        return [] if self._held_out is None else self._modality_problems(self._held_out[0])
 
     def _modality_problems(self, inputs: Tensor) -> list[str]:
         text = not inputs.is_floating_point()
@@ -204,7 +215,7 @@ class InversionAudit(ScheduledObserver):
 
     def _observe(self, trainer: L.Trainer, pl_module: L.LightningModule, *, on_step: bool) -> None:
         metrics = None
-        if trainer.is_global_zero and self._held_out is not None:
+        if trainer.is_global_zero:
             metrics = self._audit(trainer, pl_module)
         if trainer.world_size > 1:
             # every rank reaches this point (the schedule is the same everywhere) and waits here
@@ -213,21 +224,20 @@ class InversionAudit(ScheduledObserver):
         for key, value in (metrics or {}).items():
             trainer.callback_metrics[key] = torch.tensor(value)
 
-    def _audit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float] | None:
-        """Rank 0: attack the held-out batch, log everything; the scalars (``None``: failed)."""
-        assert self._held_out is not None
+    def _audit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Rank 0: attack the held-out batch, log everything; the scalars (failure ones too)."""
         defense = find_gradient_defense(trainer) if self.apply_defenses else None
-        inputs, targets = (t.to(pl_module.device) for t in self._held_out)
+        inputs, targets = self._device_held_out(pl_module)
         start = time.perf_counter()
         try:
             rec, mode = self._reconstruct(pl_module, inputs, targets, defense)
             scores = reconstruction_metrics(rec, (inputs.cpu(), targets.cpu()))
         except Exception as err:  # caught here, not by the base: the other ranks wait for rank 0
-            self._failed(trainer, f"raised {type(err).__name__}: {err}")
-            return None
+            if self.on_error == "raise":
+                raise
+            return self._report_failure(trainer, f"raised {type(err).__name__}: {err}")
         if not _finite(rec, scores):
-            self._failed(trainer, "returned NaN")
-            return None
+            return self._report_failure(trainer, "returned NaN")
         threat = {
             "attack": type(self.attack).__name__,
             "defended": defense is not None,
@@ -237,6 +247,7 @@ class InversionAudit(ScheduledObserver):
             "labels_known": False,
         }
         metrics = {f"attack/{k}": float(v) for k, v in scores.items() if not math.isnan(v)}
+        metrics["attack/failed"] = 0.0
         metrics["attack/seconds"] = time.perf_counter() - start
         metrics["attack/defended"] = float(threat["defended"])
         metrics["attack/labels_known"] = 0.0
@@ -244,22 +255,24 @@ class InversionAudit(ScheduledObserver):
         self._record(trainer, metrics, threat, rec, inputs)
         return metrics
 
+    def _report_failure(self, trainer: L.Trainer, what: str) -> dict[str, float]:
+        """Warn and record (the policy), log the failure scalars; return them for the broadcast."""
+        self._failed(trainer, what)
+        metrics = self._failure_metrics()
+        log_rank_zero(trainer, metrics, trainer.global_step)
+        return metrics
+
     def _reconstruct(
         self, pl_module: L.LightningModule, inputs: Tensor, targets: Tensor, defense: Any
     ) -> tuple[Reconstruction, str]:
         """The attack on the defended gradient of ``(inputs, targets)``; and the BN mode."""
-        loss_fn = module_loss_fn(pl_module)
+        model, loss_fn = self._adapted(pl_module), self._require_adapter().loss
         with isolated(pl_module, train=False, seed=self.seed), torch.enable_grad():
             observed = observed_gradients(
-                pl_module,
-                inputs,
-                targets,
-                loss_fn=loss_fn,
-                defense=defense,
-                generator=self.generator,
+                model, inputs, targets, loss_fn=loss_fn, defense=defense, generator=self.generator
             )
             rec = self._attack().reconstruct(
-                pl_module,
+                model,
                 observed.defended,
                 input_shape=tuple(inputs.shape[1:]),
                 num_samples=len(inputs),
@@ -279,6 +292,7 @@ class InversionAudit(ScheduledObserver):
         """Log the scalars, the threat model and the images; keep the result in ``history``."""
         step = trainer.global_step
         log_rank_zero(trainer, metrics, step)
+        self._published.update(k for k in metrics if k != "attack/failed")
         self.last = rec
         self.history.append(
             {"step": step, "epoch": trainer.current_epoch, **metrics, "threat_model": threat}
@@ -289,37 +303,10 @@ class InversionAudit(ScheduledObserver):
 
     @staticmethod
     def _log_threat_text(trainer: L.Trainer, threat: dict[str, Any], step: int) -> None:
-        for logger in trainer.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if experiment is not None and hasattr(experiment, "add_text"):
-                experiment.add_text("attack/threat_model", json.dumps(threat), step)
+        send_text(trainer, "attack/threat_model", json.dumps(threat), step)
 
     def _log_images(self, trainer: L.Trainer, truth: Tensor, rec: Tensor, step: int) -> None:
-        from torchvision.utils import make_grid, save_image
-
-        from lightning_privacy.functional.metrics import match_order
-
-        rec = rec.clamp(0, 1)
-        if len(rec) > 1:
-            rec = rec[match_order(rec, truth)]
-        grid = make_grid(torch.cat([truth, rec]), nrow=len(truth), padding=1, pad_value=1.0)
-        sent = False
-        for logger in trainer.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if experiment is not None and hasattr(experiment, "add_image"):
-                experiment.add_image("attack/reconstruction", grid, step)
-                sent = True
-            elif hasattr(logger, "log_image"):
-                logger.log_image(key="attack/reconstruction", images=[grid], step=step)
-                sent = True
-        if not sent:
-            # Not ``trainer.log_dir``: it broadcasts, a collective that only rank 0 would enter.
-            log_dir = next(
-                (lg.log_dir for lg in trainer.loggers if getattr(lg, "log_dir", None)), None
-            )
-            folder = Path(log_dir or trainer.default_root_dir) / "inversion_audit"
-            folder.mkdir(parents=True, exist_ok=True)
-            save_image(grid, folder / f"step_{step:07d}.png")
+        send_image(trainer, reconstruction_grid(truth, rec), step, image_dir=self.image_dir)
 
 
 def _finite(rec: Reconstruction, scores: dict[str, float]) -> bool:

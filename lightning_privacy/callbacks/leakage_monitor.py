@@ -25,6 +25,15 @@ Cost per estimate: ``num_samples`` assemblies and Cholesky factorisations of the
 matrix ``J Jᵀ`` (``d_x`` batched ``Jᵀ e_i`` products each; about 0.6 s for the DLG LeNet on a
 32x32 grayscale image on one CPU thread), then one ``J δ`` product per δ draw. Inputs larger than
 4,096 values switch to matrix-free conjugate gradients (much slower; keep ``num_samples`` small).
+Before training the monitor times one example (:func:`~lightning_privacy.leakage.estimate_cost`):
+if one example alone would take longer than ``max_seconds`` (120 s by default) it refuses with
+the fix (``num_samples=``, ``layers=``, a cheaper estimator); if ``num_samples`` would, it warns
+and each measurement stops starting new examples at the bound.
+
+The user's module: the held-out batch, the call and the loss come from a
+:class:`~lightning_privacy.ModelAdapter`, as for ``InversionAudit`` (checked once before
+training, and compared with ``training_step``'s loss); token inputs are estimated on their
+embeddings (the adapter's ``embed_fn``/``forward_embedded_fn``).
 
 Guarantee: none -- I2F is a first-order estimate around a perfect attacker, not a bound on every
 attack. It tracks converged L-BFGS attacks on small sigmoid networks (see the README); it can be
@@ -58,8 +67,9 @@ Example:
     ...                     monitor], logger=False, enable_progress_bar=False,
     ...                     enable_checkpointing=False, enable_model_summary=False)
     >>> trainer.fit(LitClassifier(LeNetDLG(10, 1, 8, width=4), lr=0.1), loader)
-    >>> sorted(k for k in trainer.callback_metrics if k.startswith("leakage/"))[:3]
-    ['leakage/i2f', 'leakage/i2f_lower_bound', 'leakage/lambda_max']
+    >>> metrics = trainer.callback_metrics
+    >>> "leakage/predicted_psnr" in metrics, metrics["leakage/failed"].item()
+    (True, 0.0)
 """
 
 from __future__ import annotations
@@ -69,36 +79,34 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_privacy._validation import check_choice, check_float, check_int
+from lightning_privacy._validation import check_bool, check_choice, check_float, check_int
+from lightning_privacy.adapters import ModelAdapter
 from lightning_privacy.callbacks._budget import StopReason, stop_training_if
-from lightning_privacy.callbacks._gradient_view import (
-    find_gradient_defense,
-    fix_held_out_batch,
-    module_loss_fn,
-    split_batch,
-)
-from lightning_privacy.callbacks._observer import ScheduledObserver, isolated
+from lightning_privacy.callbacks._gradient_view import GradientObserver, find_gradient_defense
+from lightning_privacy.callbacks._observer import isolated
 from lightning_privacy.leakage import (
     ESTIMATORS,
     VALIDATED_RELATIVE_PERTURBATION,
     LeakageEstimate,
     create_estimator,
+    estimate_cost,
     estimate_leakage,
 )
 
 __all__ = ["LeakageMonitor"]
 
 
-class LeakageMonitor(ScheduledObserver):
+class LeakageMonitor(GradientObserver):
     """Log I2F leakage estimates of the defended gradient during training.
 
     Args:
         every_n_train_steps: Run after every n-th optimizer step.
         every_n_epochs: Run at the end of every n-th training epoch (default when neither given).
-        batch: Held-out ``(inputs, targets)``; default: the first validation batch.
+        batch: The held-out batch, in any format the adapter unpacks; default: the first
+            validation batch.
         estimator: A registered estimator (``lightning_privacy.leakage.list_estimators()``:
             ``"exact"``, ``"expected"``, ``"lower_bound"``; see the module docs).
         num_delta_samples: δ draws per example (``"exact"``, ``"lower_bound"``).
@@ -108,6 +116,9 @@ class LeakageMonitor(ScheduledObserver):
         per_class: Also log the mean predicted PSNR of every class present.
         damping: ``λ >= 0`` in ``(J Jᵀ + λ I)⁻¹`` (keep 0: damping hides which images leak).
         data_range: Value range of the inputs (1 for images in [0, 1]).
+        adapter: How to replay the training loss (:class:`~lightning_privacy.ModelAdapter`).
+        max_seconds: Wall-time bound of one measurement (see the cost paragraph above).
+        on_error: ``"warn"`` (a failed estimate warns and training goes on) or ``"raise"``.
         seed: Seed of the callback's own generator (defense draws, Lanczos starts).
     """
 
@@ -125,10 +136,20 @@ class LeakageMonitor(ScheduledObserver):
         per_class: bool = False,
         damping: float = 0.0,
         data_range: float = 1.0,
+        adapter: ModelAdapter | None = None,
+        max_seconds: float | None = 120.0,
+        on_error: str = "warn",
         seed: int = 0,
     ) -> None:
         super().__init__(
-            every_n_epochs=every_n_epochs, every_n_train_steps=every_n_train_steps, seed=seed
+            every_n_epochs=every_n_epochs,
+            every_n_train_steps=every_n_train_steps,
+            batch=batch,
+            num_samples=num_samples,
+            adapter=adapter,
+            max_seconds=max_seconds,
+            seed=seed,
+            on_error=on_error,
         )
         self.estimator = check_choice("estimator", estimator, ESTIMATORS)
         self.num_delta_samples = check_int("num_delta_samples", num_delta_samples, low=1)
@@ -138,14 +159,9 @@ class LeakageMonitor(ScheduledObserver):
             else check_float("max_predicted_psnr", max_predicted_psnr)
         )
         self.on_exceed = check_choice("on_exceed", on_exceed, ("warn", "stop"))
-        self.num_samples = check_int("num_samples", num_samples, low=1)
-        self.per_class = check_choice("per_class", per_class, (True, False))
+        self.per_class = check_bool("per_class", per_class)
         self.damping = check_float("damping", damping, low=0.0)
         self.data_range = check_float("data_range", data_range, low=0.0, low_open=True)
-        if batch is not None:
-            split_batch(batch, 1)
-        self.batch = batch
-        self._held_out: tuple[Tensor, Tensor] | None = None  # fixed and split once, in setup
         self.last: LeakageEstimate | None = None
         self._warned_range = False
 
@@ -157,68 +173,103 @@ class LeakageMonitor(ScheduledObserver):
             "num_delta_samples": self.num_delta_samples,
         }
 
+    metric_prefix = "leakage"
+    clamp_num_samples = True
+
     def _subject(self) -> str:
         return f"the {self.estimator!r} I2F estimate"
 
-    @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Check the Trainer: a held-out batch exists and the estimator fits the defense."""
-        if stage != "fit":
-            return
-        problems = []
-        batch = fix_held_out_batch(trainer, pl_module, self.batch, seed=self.seed)
-        if batch is None:
-            problems.append(
-                "no held-out batch: pass `batch=(inputs, targets)` or give the Trainer "
-                "validation data"
-            )
-        else:
-            try:
-                self._held_out = split_batch(batch, min(self.num_samples, len(batch[0])))
-            except (TypeError, ValueError) as err:
-                problems.append(str(err))
+    def _setup_problems(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[str]:
         defense = find_gradient_defense(trainer)
         if defense is None:
             rank_zero_warn(
                 "LeakageMonitor found no GradientDefense: the gradient is shared undefended "
                 "(δ = 0), a perfect attacker recovers the inputs exactly, and leakage/i2f is 0."
             )
-        else:
-            try:
-                create_estimator(self.estimator).check_defense(defense.transforms)
-            except ValueError as err:
-                problems.append(str(err))
-        if problems:
-            raise ValueError("LeakageMonitor cannot run: " + "; ".join(problems) + ".")
-        self._bind_generator(pl_module.device)  # defenses draw on the gradient's device
+            return []
+        try:
+            create_estimator(self.estimator).check_defense(defense.transforms)
+        except ValueError as err:
+            return [str(err).rstrip(".")]
+        return []
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Replay the loss once (see the base class), then refuse a measurement too slow to run."""
+        super().on_fit_start(trainer, pl_module)
+        if self.max_seconds is None:
+            return
+        model, inputs, targets = self._estimation_inputs(pl_module)
+        with isolated(pl_module, train=False, seed=self.seed), torch.enable_grad():
+            cost = estimate_cost(
+                model,
+                inputs,
+                targets,
+                estimator=self.estimator,
+                loss_fn=self._require_adapter().loss,
+                num_delta_samples=self.num_delta_samples,
+            )
+        self._check_cost(cost.seconds_per_example, len(inputs), cost.input_dim)
+
+    def _check_cost(self, per_example: float, examples: int, input_dim: int) -> None:
+        assert self.max_seconds is not None
+        fix = (
+            f"an input of {input_dim} values: use estimator='lower_bound' (a bound, not a "
+            "prediction) or restrict the observed parameters with `layers=`, or raise "
+            "`max_seconds`"
+        )
+        if per_example > self.max_seconds:
+            raise ValueError(
+                f"LeakageMonitor: one {self.estimator!r} estimate of one example would take about "
+                f"{per_example:.0f} s on this model, more than max_seconds={self.max_seconds} ("
+                f"{fix})."
+            )
+        if examples * per_example > self.max_seconds:
+            fitting = max(1, int(self.max_seconds // per_example))
+            rank_zero_warn(
+                f"LeakageMonitor: {examples} examples would take about "
+                f"{examples * per_example:.0f} s per measurement, more than max_seconds="
+                f"{self.max_seconds}; each measurement stops after about {fitting} (pass "
+                f"num_samples={fitting}, every_n_epochs= for fewer measurements, or {fix})."
+            )
+
+    def _estimation_inputs(self, pl_module: L.LightningModule) -> tuple[nn.Module, Tensor, Tensor]:
+        """The model ``inputs -> outputs`` and the held-out inputs (embedded for token ids)."""
+        inputs, targets = self._device_held_out(pl_module)
+        if inputs.is_floating_point():
+            return self._adapted(pl_module), inputs, targets
+        with isolated(pl_module, train=False, seed=self.seed), torch.no_grad():
+            embedded = self._require_adapter().embed(pl_module, inputs)
+        return self._adapted(pl_module, embedded=True), embedded, targets
 
     def _observe(self, trainer: L.Trainer, pl_module: L.LightningModule, *, on_step: bool) -> None:
         defense = find_gradient_defense(trainer)
-        transforms = list(defense.transforms) if defense is not None else []
-        layers = defense.layers if defense is not None else None
-        assert self._held_out is not None  # set in setup
-        inputs, targets = (t.to(pl_module.device) for t in self._held_out)
+        model, inputs, targets = self._estimation_inputs(pl_module)
         with isolated(pl_module, train=False, seed=self.seed), torch.enable_grad():
             estimate = estimate_leakage(
-                pl_module,
+                model,
                 inputs,
                 targets,
-                transforms=transforms,
+                transforms=list(defense.transforms) if defense is not None else [],
                 estimator=self.estimator,
                 num_delta_samples=self.num_delta_samples,
                 damping=self.damping,
-                loss_fn=module_loss_fn(pl_module),
-                defense_layers=layers,
+                loss_fn=self._require_adapter().loss,
+                defense_layers=defense.layers if defense is not None else None,
                 data_range=self.data_range,
                 generator=self.generator,
+                max_seconds=self.max_seconds,
             )
-        self.last = estimate
         metrics = estimate.metrics(per_class=self.per_class)
+        nan = self._first_nan(metrics)
+        if nan is not None:
+            raise FloatingPointError(f"the estimate is NaN ({nan}): has the model diverged?")
         metrics["leakage/lanczos_iterations"] = float(
             sum(r.iterations for r in estimate.lanczos) / max(len(estimate.lanczos), 1)
         )
-        for key, value in metrics.items():
-            pl_module.log(key, value, on_step=on_step, on_epoch=not on_step, batch_size=1)
+        metrics["leakage/examples"] = float(len(estimate.per_sample_i2f))
+        self.last = estimate
+        self._publish(trainer, pl_module, {**metrics, "leakage/failed": 0.0}, on_step=on_step)
         self.history.append({"step": float(trainer.global_step), **metrics})
         self._check_range(estimate)
         self._check_threshold(trainer, estimate)

@@ -18,10 +18,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -218,3 +219,27 @@ def _load_forward_ad_decompositions() -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script", category=FutureWarning)
         load()
+
+
+@contextlib.contextmanager
+def differentiable_attention() -> Iterator[None]:
+    """Run ``scaled_dot_product_attention`` with its math backend inside the block.
+
+    The fused kernels PyTorch picks by default (flash, memory-efficient, the CPU flash kernel)
+    have no double backward and no forward-mode derivative, which gradient-matching attacks and
+    the I2F need; the math backend is made of ordinary differentiable operations. timm, torchvision
+    and Hugging Face attention layers call ``scaled_dot_product_attention``, so they need no change.
+
+    Example:
+        >>> q = torch.randn(1, 2, 4, 8, requires_grad=True)
+        >>> with differentiable_attention():
+        ...     out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        ...     (g,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+        ...     (h,) = torch.autograd.grad(g.square().sum(), q)
+        >>> h.shape
+        torch.Size([1, 2, 4, 8])
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield

@@ -39,6 +39,7 @@ from lightning_privacy.leakage.base import (
     mean_square_norm,
 )
 from lightning_privacy.leakage.calibration import NoiseCalibration, calibrate_noise
+from lightning_privacy.leakage.cost import CostEstimate, estimate_cost
 from lightning_privacy.leakage.estimators import (
     ExactI2F,
     ExpectedI2F,
@@ -50,6 +51,7 @@ from lightning_privacy.leakage.estimators import (
 __all__ = [
     "ESTIMATORS",
     "VALIDATED_RELATIVE_PERTURBATION",
+    "CostEstimate",
     "EstimationContext",
     "ExactI2F",
     "ExpectedI2F",
@@ -66,6 +68,7 @@ __all__ = [
     "calibrate_noise",
     "create_estimator",
     "defense_delta",
+    "estimate_cost",
     "estimate_leakage",
     "expected_gaussian_i2f",
     "i2f",

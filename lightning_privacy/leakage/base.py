@@ -34,7 +34,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -53,6 +53,8 @@ from lightning_privacy.functional.leakage import (
 #: error ÷ I2F 0.95-1.16, rank correlation >= 0.92). Beyond it the first-order expansion departs
 #: from the attack (an unclamped attack does worse than predicted) and the estimate is uncalibrated.
 VALIDATED_RELATIVE_PERTURBATION = 0.06
+#: Lanczos steps budgeted for ``λ_max`` in the cost estimate (``lanczos_lambda_max``'s cap).
+LANCZOS_ITERATIONS = 64
 
 
 def defense_delta(
@@ -161,6 +163,15 @@ class EstimationContext:
     dense_limit: int = 4096
     data_range: float = 1.0
     example_index: int = 0
+
+    def uses_dense_path(self, input_dim: int) -> bool:
+        """Whether an example of ``input_dim`` values is assembled densely (see ``method``).
+
+        Example:
+            >>> EstimationContext(dense_limit=10).uses_dense_path(11)
+            False
+        """
+        return self.method == "dense" or (self.method == "auto" and input_dim <= self.dense_limit)
 
     def defended_indices(self, op: LeakageOperator) -> list[int]:
         """The indices in ``op.names`` of the parameters the transforms act on.
@@ -282,11 +293,17 @@ class LeakageEstimator(ABC):
 
     Subclasses are frozen dataclasses registered in :data:`ESTIMATORS`; the module docs show one.
 
+    Attributes:
+        predicts_i2f: Whether the value estimates the I2F itself (``False`` for a bound, whose
+            PSNR is then logged as ``psnr_upper_bound``, never as ``predicted_psnr``).
+
     Example:
         >>> from lightning_privacy.leakage import create_estimator
         >>> isinstance(create_estimator("exact"), LeakageEstimator)
         True
     """
+
+    predicts_i2f: ClassVar[bool] = True
 
     def check_defense(self, transforms: Sequence[GradientTransform]) -> None:
         """Raise ``ValueError`` for a pipeline the estimator cannot handle (default: any is fine).
@@ -301,6 +318,21 @@ class LeakageEstimator(ABC):
     @abstractmethod
     def estimate(self, op: LeakageOperator, context: EstimationContext) -> SampleEstimate:
         """Estimate the example whose operator is ``op``."""
+
+    def products(self, input_dim: int, context: EstimationContext) -> int:
+        """``Jᵀ v``-sized products one example needs (for the cost estimate before training).
+
+        Dense path: the ``d_x`` rows of ``J`` plus the draws; matrix-free: Lanczos and, per draw,
+        conjugate gradients of at most ``min(d_x, 200)`` iterations (two products each).
+
+        Example:
+            >>> from lightning_privacy.leakage import create_estimator
+            >>> create_estimator("exact").products(64, EstimationContext(num_delta_samples=4))
+            68
+        """
+        if context.uses_dense_path(input_dim):
+            return input_dim + context.num_delta_samples
+        return 2 * LANCZOS_ITERATIONS + context.num_delta_samples * 2 * min(input_dim, 200)
 
 
 ESTIMATORS: Registry[LeakageEstimator] = Registry("estimator")
@@ -382,6 +414,7 @@ class LeakageEstimate:
             (tensor([2.], dtype=torch.float64), {4: 30.0})
         """
         labels = targets.detach().reshape(-1).cpu()
+        classes = labels.tolist() if labels.numel() == len(samples) else []  # one label each
 
         def column(name: str) -> Tensor:
             return torch.tensor([getattr(s, name) for s in samples], dtype=torch.float64)
@@ -396,7 +429,7 @@ class LeakageEstimate:
             targets=labels,
             relative_perturbation=column("relative_perturbation"),
             per_class_predicted_psnr={
-                int(c): float(psnr[labels == c].mean()) for c in torch.unique(labels).tolist()
+                int(c): float(psnr[labels == c].mean()) for c in sorted(set(classes))
             },
             lanczos=tuple(s.lanczos for s in samples),
         )
@@ -423,19 +456,46 @@ class LeakageEstimate:
 
     @property
     def worst_class_predicted_psnr(self) -> float:
-        """Highest per-class mean predicted PSNR: the least protected class (dB)."""
+        """Highest per-class mean predicted PSNR: the least protected class (dB).
+
+        Without one label per example (e.g. a language model's per-token targets) there are no
+        classes and this is the worst example's.
+        """
+        if not self.per_class_predicted_psnr:
+            return self.worst_sample_predicted_psnr
         return max(self.per_class_predicted_psnr.values())
 
+    @property
+    def predicts(self) -> bool:
+        """Whether the estimator estimates the I2F (``False``: a bound, e.g. ``lower_bound``)."""
+        if self.estimator not in ESTIMATORS:
+            return True
+        return bool(getattr(ESTIMATORS.get(self.estimator), "predicts_i2f", True))
+
     def metrics(self, prefix: str = "leakage/", per_class: bool = False) -> dict[str, float]:
-        """Scalars to log: ``i2f``, the bound, ``λ_max``, PSNR summaries, ``‖δ‖ / ‖g‖``."""
-        out = {
-            f"{prefix}i2f": self.i2f,
+        """Scalars to log: ``i2f``, the bound, ``λ_max``, PSNR summaries, ``‖δ‖ / ‖g‖``.
+
+        A bound-only estimator (:attr:`predicts` false) logs no ``i2f``/``predicted_psnr`` keys:
+        its PSNR from ``I2F >= bound`` is an *upper bound* of the prediction,
+        ``psnr_upper_bound``, not a prediction.
+        """
+        shared = {
             f"{prefix}i2f_lower_bound": float(self.per_sample_lower_bound.mean()),
             f"{prefix}lambda_max": float(self.lambda_max.mean()),
+            f"{prefix}relative_perturbation": float(self.relative_perturbation.mean()),
+        }
+        if not self.predicts:
+            return {
+                **shared,
+                f"{prefix}psnr_upper_bound": self.mean_predicted_psnr,
+                f"{prefix}worst_sample_psnr_upper_bound": self.worst_sample_predicted_psnr,
+            }
+        out = {
+            f"{prefix}i2f": self.i2f,
+            **shared,
             f"{prefix}predicted_psnr": self.mean_predicted_psnr,
             f"{prefix}worst_sample_predicted_psnr": self.worst_sample_predicted_psnr,
             f"{prefix}worst_class_predicted_psnr": self.worst_class_predicted_psnr,
-            f"{prefix}relative_perturbation": float(self.relative_perturbation.mean()),
         }
         if per_class:
             for c, v in sorted(self.per_class_predicted_psnr.items()):

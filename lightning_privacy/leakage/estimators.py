@@ -26,8 +26,10 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,7 @@ from lightning_privacy.functional.gradients import LossFn, select_parameters
 from lightning_privacy.functional.leakage import LanczosResult, LeakageOperator
 from lightning_privacy.leakage.base import (
     ESTIMATORS,
+    LANCZOS_ITERATIONS,
     VALIDATED_RELATIVE_PERTURBATION,
     EstimationContext,
     LeakageEstimate,
@@ -184,7 +187,8 @@ class LowerBound(LeakageEstimator):
     """``‖J δ‖ / λ_max`` only: cheap, but it tracks the noise size, not which images leak.
 
     ``λ_max`` comes from matrix-free Lanczos whatever ``method`` says: ``J Jᵀ`` is never
-    assembled.
+    assembled. Only a bound (``predicts_i2f = False``): its PSNR is logged as
+    ``leakage/psnr_upper_bound``, never under the keys of a prediction.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
@@ -192,6 +196,17 @@ class LowerBound(LeakageEstimator):
         >>> LowerBound().estimate(op, EstimationContext()).lower_bound  # no defense: δ = 0
         0.0
     """
+
+    predicts_i2f: ClassVar[bool] = False
+
+    def products(self, input_dim: int, context: EstimationContext) -> int:
+        """Lanczos on the matrix-free Gram product, plus one ``J δ`` per draw.
+
+        Example:
+            >>> LowerBound().products(3072, EstimationContext(num_delta_samples=4))
+            132
+        """
+        return 2 * LANCZOS_ITERATIONS + context.num_delta_samples
 
     def estimate(self, op: LeakageOperator, context: EstimationContext) -> SampleEstimate:
         """The mean bound over the draws (both ``i2f`` and ``lower_bound``)."""
@@ -244,6 +259,8 @@ def estimate_leakage(
     generator: torch.Generator | None = None,
     method: str = "auto",
     dense_limit: int = 4096,
+    max_seconds: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> LeakageEstimate:
     """Estimate, per example shared alone, how well a perfect attacker rebuilds it under a defense.
 
@@ -270,6 +287,10 @@ def estimate_leakage(
             ``num_delta_samples`` probes for ``"expected"``), or ``"auto"`` (dense when
             ``d_x <= dense_limit``).
         dense_limit: Largest per-example input size for the dense path under ``"auto"``.
+        max_seconds: Start no further example once this much wall time has passed (the first
+            one always runs); the estimate then covers the examples done (compare its length
+            with the batch's).
+        progress: Called with ``(examples done, examples)`` after each example.
 
     Returns:
         A :class:`LeakageEstimate`.
@@ -300,10 +321,15 @@ def estimate_leakage(
     )
     component = ESTIMATORS.create(estimator)
     component.check_defense(context.transforms)
-    samples = []
+    deadline = None if max_seconds is None else time.perf_counter() + max_seconds
+    samples: list[SampleEstimate] = []
     for i in range(len(inputs)):
+        if samples and deadline is not None and time.perf_counter() > deadline:
+            break
         op = LeakageOperator(
             model, inputs[i : i + 1], targets[i : i + 1], loss_fn=loss_fn, layers=layers
         )
         samples.append(component.estimate(op, replace(context, example_index=i)))
-    return LeakageEstimate.from_samples(estimator, samples, targets)
+        if progress is not None:
+            progress(len(samples), len(inputs))
+    return LeakageEstimate.from_samples(estimator, samples, targets[: len(samples)])

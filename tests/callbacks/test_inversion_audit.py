@@ -8,6 +8,7 @@ from helpers import BoringModel, digits, digits_loader, fit, loader
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import CSVLogger
 
+from lightning_privacy.adapters import resolve_adapter
 from lightning_privacy.attacks import Attack, InvertingGradients
 from lightning_privacy.callbacks import GradientDefense, InversionAudit
 from lightning_privacy.defenses import GaussianNoise
@@ -168,7 +169,7 @@ def test_global_rng_stream_untouched_by_an_audit_run():
     module = BoringModel()
     x, y = digits(2)
     audit = InversionAudit(FAST_IG, batch=(x, y), log_images=False)
-    audit._held_out = (x[:1], y[:1])
+    audit._held_out, audit._adapter = (x[:1], y[:1]), resolve_adapter(module, None)
 
     class _Trainer:
         is_global_zero = True
@@ -202,7 +203,7 @@ def test_apply_defenses_false_attacks_the_clean_gradient():
 
     for apply, defended in ((True, 1.0), (False, 0.0)):
         audit = InversionAudit(FAST_IG, batch=(x, y), apply_defenses=apply, log_images=False)
-        audit._held_out = (x[:1], y[:1])
+        audit._held_out, audit._adapter = (x[:1], y[:1]), resolve_adapter(module, None)
         audit._observe(_Trainer(), module, on_step=True)
         assert _Trainer.callback_metrics["attack/defended"] == defended
         assert audit.history[-1]["threat_model"]["defended"] is bool(defended)

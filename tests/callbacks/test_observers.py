@@ -62,19 +62,27 @@ def test_two_audits_and_two_monitors_resume_each_with_its_own_history(
 
 
 class LossFailsForObservers(BoringModel):
-    """Trains with cross-entropy but hands observers a loss that raises."""
+    """Trains with cross-entropy; the loss it hands observers breaks once training has started.
+
+    (Before training the observers replay the loss once and would refuse a broken one outright.)
+    """
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.loss_fn = _broken_loss
+        self.broken = False
+        self.loss_fn = self._observed_loss
+
+    def _observed_loss(self, logits, targets):
+        if self.broken:
+            raise RuntimeError("broken loss")
+        return F.cross_entropy(logits, targets)
+
+    def on_train_start(self):
+        self.broken = True
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         return F.cross_entropy(self(x), y)
-
-
-def _broken_loss(logits, targets):
-    raise RuntimeError("broken loss")
 
 
 @pytest.mark.parametrize(
