@@ -9,8 +9,8 @@ and from the DDP scripts (``ddp_launch.run_ddp_script`` puts ``tests/`` on ``PYT
 * Data: :func:`digits` (the embedded 8x8 digits), :func:`random_tensors` (seeded), :func:`loader`,
   :func:`digits_loader`, :func:`digits_datamodule`.
 * Fitting: :func:`fit` (a ``Trainer`` from ``fast_trainer_kwargs``, fitted, returned with the
-  module), :func:`ddp_trainer_kwargs`, and for DDP reports :func:`flat_parameters` and
-  :func:`all_ranks_equal`.
+  module); under DDP :func:`ddp_trainer_kwargs`, :func:`fit_ddp`, and for the reports
+  :func:`flat_parameters` and :func:`all_ranks_equal`.
 """
 
 from __future__ import annotations
@@ -204,6 +204,14 @@ def ddp_trainer_kwargs(**strategy_kwargs: Any) -> dict[str, Any]:
 
     strategy = DDPStrategy(process_group_backend="gloo", **strategy_kwargs)
     return dict(accelerator="cpu", devices=2, strategy=strategy, **QUIET_TRAINER)
+
+
+def fit_ddp(
+    callbacks: Iterable[L.Callback], module: L.LightningModule, train: Any, **overrides: Any
+) -> tuple[L.Trainer, bool]:
+    """:func:`fit` under 2-process DDP; also whether every rank ended with the same parameters."""
+    trainer, module = fit(ddp_trainer_kwargs(), callbacks, module, train, **overrides)
+    return trainer, all_ranks_equal(flat_parameters(module))
 
 
 def flat_parameters(module: nn.Module) -> Tensor:

@@ -16,15 +16,7 @@ import warnings
 import lightning as L
 import torch
 import torch.distributed as dist
-from helpers import (
-    BoringModel,
-    all_ranks_equal,
-    ddp_trainer_kwargs,
-    fit,
-    flat_parameters,
-    loader,
-    random_tensors,
-)
+from helpers import BoringModel, fit_ddp, loader, random_tensors
 
 from lightning_privacy.attacks import InvertingGradients
 from lightning_privacy.callbacks import InversionAudit
@@ -44,8 +36,7 @@ def main(out: str) -> None:
         max_seconds=3.0,
     )
     start = time.perf_counter()
-    trainer, _ = fit(ddp_trainer_kwargs(), [audit], module, loader(x, y, batch_size=4), max_steps=2)
-    replicas_equal = all_ranks_equal(flat_parameters(module))
+    trainer, replicas_equal = fit_ddp([audit], module, loader(x, y, batch_size=4), max_steps=2)
     seen = trainer.callback_metrics.get("attack/psnr")
     psnr_per_rank = [None, None]
     dist.all_gather_object(psnr_per_rank, None if seen is None else float(seen))

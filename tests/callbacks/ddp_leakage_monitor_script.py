@@ -16,16 +16,7 @@ import warnings
 import lightning as L
 import torch
 import torch.distributed as dist
-from helpers import (
-    SIGMOID_MLP,
-    BoringModel,
-    all_ranks_equal,
-    ddp_trainer_kwargs,
-    fit,
-    flat_parameters,
-    loader,
-    random_tensors,
-)
+from helpers import SIGMOID_MLP, BoringModel, fit_ddp, loader, random_tensors
 
 from lightning_privacy.callbacks import GradientDefense, LeakageMonitor
 from lightning_privacy.defenses import GaussianNoise
@@ -45,14 +36,8 @@ def main(out: str) -> None:
         max_predicted_psnr=-1e3 if rank == 1 else 1e4,
         on_exceed="stop",
     )
-    trainer, _ = fit(
-        ddp_trainer_kwargs(),
-        [GradientDefense([GaussianNoise(std=1e-2)], seed=0), monitor],
-        module,
-        loader(x, y, batch_size=4),
-        max_steps=4,
-    )
-    replicas_equal = all_ranks_equal(flat_parameters(module))
+    callbacks = [GradientDefense([GaussianNoise(std=1e-2)], seed=0), monitor]
+    trainer, replicas_equal = fit_ddp(callbacks, module, loader(x, y, batch_size=4), max_steps=4)
     values = torch.tensor([h["leakage/i2f"] for h in monitor.history], dtype=torch.float64)
     both = [torch.zeros_like(values) for _ in range(2)]
     dist.all_gather(both, values)
