@@ -8,8 +8,12 @@ with Opacus's DP-SGD without changing the module:
   subclasses of BatchNorm (e.g. timm's ``BatchNormAct2d``), which Opacus's exact-type check
   misses -- and reported in one error naming the fix. ``fix_model=True`` replaces the fixable ones
   (BatchNorm -> GroupNorm, ...) in place, before the optimizer is built.
-* ``on_fit_start``: ``PrivacyEngine.make_private(module=trainer.strategy.model, wrap_model=False)``
-  attaches the per-sample-gradient hooks; the resulting ``DPOptimizer`` replaces the Trainer's
+* ``on_fit_start``: one training step is rehearsed on a deep copy of the module, on the first two
+  training examples, under Opacus's hooks (the module, its BatchNorm statistics, ``.grad`` and the
+  global RNG stay untouched): every module that modifies a hooked layer's output in place is
+  reported in one error (see *In-place ops* below). Then
+  ``PrivacyEngine.make_private(module=trainer.strategy.model, wrap_model=False)`` attaches the
+  per-sample-gradient hooks; the resulting ``DPOptimizer`` replaces the Trainer's
   optimizer (LR schedulers keep working: they share ``param_groups``); the train loader is
   replaced by Opacus's DP loader (Poisson sampling).
 * each epoch: logs ``privacy/epsilon``, ``privacy/delta``, ``privacy/noise_multiplier`` and
@@ -49,6 +53,30 @@ callback then runs Lightning's backward as Opacus's two-pass ghost-clipping back
 optimised objective is the mean). A module that returns a vector also works in the other modes
 (the callback back-propagates the mean) but not without ``DPSGD``. Ghost mode is single-device for
 now.
+
+In-place ops
+------------
+Opacus hooks every layer with trainable parameters with ``register_full_backward_hook``; PyTorch
+then hands the layer's output on as a view that must not be modified in place.
+``ReLU(inplace=True)`` after a conv or norm layer and torchvision's ``out += identity``
+(``BasicBlock``, ``Bottleneck``) do exactly that, and the first step would fail with "Output 0 of
+BackwardHookFunction is a view and is being modified inplace". The rehearsal finds them all
+before training and names each module, the op and its source line. ``fix_model=True`` sets
+``inplace=False`` on the modules whose own ``inplace`` flag is the cause (reported); an op in a
+module's code has to be written out of place. For torchvision's ResNet-18::
+
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    class Block(BasicBlock):
+        def forward(self, x):
+            identity = x if self.downsample is None else self.downsample(x)
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            return self.relu(out + identity)  # not `out += identity`
+
+    net = ResNet(Block, [2, 2, 2, 2], num_classes=10)  # same layers and state_dict keys
+
+and ``DPSGD(..., fix_model=True)`` (BatchNorm -> GroupNorm, ``inplace`` off) trains it.
 
 Observers
 ---------
@@ -90,6 +118,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
@@ -104,7 +133,11 @@ from lightning_privacy.engines.dpsgd import (
     DPSGDEngine,
     steps_per_epoch,
 )
-from lightning_privacy.engines.opacus_layers import find_unsupported_layers, fix_unsupported_layers
+from lightning_privacy.engines.opacus_layers import (
+    find_unsupported_layers,
+    fix_unsupported_layers,
+    name_list,
+)
 
 __all__ = [
     "ACCOUNTANTS",
@@ -131,8 +164,9 @@ class DPSGD(Callback):
         secure_mode: Cryptographically secure noise and sampling (needs ``torchcsprng``).
         grad_sample_mode: ``"hooks"``, ``"functorch"`` or ``"ghost"`` (see module docs).
         max_epsilon: Stop training before an epoch that would take ε above this.
-        fix_model: Replace layers Opacus cannot handle (BatchNorm -> GroupNorm, ...) instead of
-            raising.
+        fix_model: Replace layers Opacus cannot handle (BatchNorm -> GroupNorm, ...) and turn
+            ``inplace`` off on modules that modify a hooked layer's output in place
+            (``ReLU(inplace=True)``) instead of raising.
 
     Attributes:
         engine: The :class:`~lightning_privacy.engines.DPSGDEngine` doing the work.
@@ -251,18 +285,24 @@ class DPSGD(Callback):
         if replaced:
             rank_zero_info(
                 f"DPSGD(fix_model=True) replaced {len(replaced)} layer(s) Opacus cannot train "
-                f"with DP-compatible ones: {', '.join(replaced)}."
+                f"with DP-compatible ones: {name_list(replaced)}."
             )
 
     # ------------------------------------------------------------------ wiring
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Make the module, optimizer and train loader private (Opacus ``make_private``)."""
+        """Rehearse one step on a copy, then make the module, optimizer and loader private."""
         if len(trainer.optimizers) != 1:
             raise ValueError(
                 f"Expected exactly one optimizer for DPSGD, but got {len(trainer.optimizers)}."
             )
         source, loader = _train_loader(trainer)
+        fixed = self.engine.rehearse(pl_module, _rehearsal_step(trainer, loader))
+        if fixed:
+            rank_zero_info(
+                f"DPSGD(fix_model=True) set inplace=False on {len(fixed)} module(s) that modified "
+                f"a hooked layer's output in place: {name_list(fixed)}."
+            )
         plan = self.engine.resolve(
             dataset_size=len(loader.dataset),  # type: ignore[arg-type]
             batches_per_epoch=len(loader),
@@ -279,6 +319,7 @@ class DPSGD(Callback):
         assert module is not None  # the strategy has wrapped the module by on_fit_start
         original = trainer.optimizers[0]
         dp_optimizer, dp_loader = self.engine.make_private(module, original, loader)
+        self.engine.detach_hooks()  # hook-free until the first step (observers check the model)
         self._undo = [
             lambda: self.engine.release(module),
             _swap_optimizer(trainer, original, dp_optimizer),
@@ -415,6 +456,37 @@ def _train_loader(trainer: L.Trainer) -> tuple[Any, DataLoader[Any]]:
             f"accountant need N), but got {type(loader.dataset).__name__}."
         )
     return source, loader
+
+
+def _rehearsal_step(trainer: L.Trainer, loader: DataLoader[Any]) -> Callable[[nn.Module], Any]:
+    """One ``training_step`` of a copy of the module on the first two training examples.
+
+    The examples come from the data set by index (no sampler, so no generator draws). The copy
+    reads the Trainer (``self.trainer.global_step`` works) but its ``self.log`` calls are dropped.
+    """
+
+    def step(copy: nn.Module) -> Any:
+        assert isinstance(copy, L.LightningModule)  # a deep copy of the LightningModule
+        copy.trainer = trainer  # the deep copy drops the reference (LightningModule.__getstate__)
+        vars(copy).update(log=_ignore, log_dict=_ignore)
+        batch = trainer.strategy.batch_to_device(_first_examples(loader))
+        with trainer.precision_plugin.train_step_context():
+            out = copy.training_step(batch, 0)
+        return out.get("loss") if isinstance(out, Mapping) else out
+
+    return step
+
+
+def _first_examples(loader: DataLoader[Any], n: int = 2) -> Any:
+    """The first ``n`` examples of the loader's data set, collated as the loader does."""
+    dataset: Any = loader.dataset
+    if loader.batch_sampler is None:  # no automatic batching: the data set yields batches
+        return loader.collate_fn(dataset[0])
+    return loader.collate_fn([dataset[i] for i in range(min(n, len(dataset)))])
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    """Stands in for ``self.log`` on the rehearsal's copy of the module."""
 
 
 def _swap_optimizer(

@@ -1,23 +1,28 @@
-"""DP-SGD as a component: Opacus's ``PrivacyEngine`` in four named phases, with no Lightning.
+"""DP-SGD as a component: Opacus's ``PrivacyEngine`` in five named phases, with no Lightning.
 
 The phases follow Opacus's own ``PrivacyEngine._prepare_*`` split, so each can be read, tested
 and called on its own:
 
 1. **validate** (:meth:`DPSGDEngine.validate`): every layer Opacus cannot give per-sample
-   gradients for, collected in one error (after replacing the fixable ones with
-   ``fix_model=True``);
-2. **resolve** (:meth:`DPSGDEngine.resolve`): δ (default ``1 / (10 N)``), the sample rate
+   gradients for, collected in one error grouped by layer type and problem (after replacing the
+   fixable ones with ``fix_model=True``);
+2. **rehearse** (:meth:`DPSGDEngine.rehearse`): one training step on a deep copy of the module
+   under Opacus's hooks, which finds every module that modifies a hooked layer's output in place
+   (PyTorch forbids it under Opacus's backward hooks, see :mod:`~lightning_privacy.engines.inplace`)
+   and reports them in one error; ``fix_model=True`` turns ``inplace`` off where a module's own
+   flag is the cause. The module, its statistics, gradients and the global RNG stay untouched;
+3. **resolve** (:meth:`DPSGDEngine.resolve`): δ (default ``1 / (10 N)``), the sample rate
    ``q = 1 / batches``, and the noise multiplier ``z`` (given, restored from a checkpoint, or
    computed for ``target_epsilon``) -- a :class:`DPSGDPlan`;
-3. **make private** (:meth:`DPSGDEngine.make_private`): ``PrivacyEngine.make_private(...,
+4. **make private** (:meth:`DPSGDEngine.make_private`): ``PrivacyEngine.make_private(...,
    wrap_model=False)`` attaches the per-sample-gradient hooks to the module itself and returns
    the ``DPOptimizer`` and the Poisson data loader; under DDP the module's own all-reduce is
    replaced by a no-op communication hook (Opacus all-reduces the clipped sums itself). Between
    steps the hooks are off (:meth:`~DPSGDEngine.attach_hooks`, :meth:`~DPSGDEngine.detach_hooks`),
    and :meth:`~DPSGDEngine.backward` runs per-sample losses (ghost clipping) through Opacus;
-4. **release** (:meth:`DPSGDEngine.release`): removes the hooks and every attribute that
+5. **release** (:meth:`DPSGDEngine.release`): removes the hooks and every attribute that
    appeared on the hooked layers and their parameters while Opacus was attached (a snapshot taken
-   in phase 3, so no list of Opacus's attribute names has to be kept in step with Opacus).
+   in phase 4, so no list of Opacus's attribute names has to be kept in step with Opacus).
 
 The accountant (:attr:`DPSGDEngine.accountant`) is the one the ``DPOptimizer`` steps; ε and the
 look-ahead for a budget come from it.
@@ -28,6 +33,8 @@ Example:
     >>> engine = DPSGDEngine(max_grad_norm=1.0, noise_multiplier=1.0)
     >>> net = torch.nn.Linear(3, 2)
     >>> engine.validate(net)
+    []
+    >>> engine.rehearse(net, lambda copy: copy(torch.rand(2, 3)).sum())
     []
     >>> loader = DataLoader(TensorDataset(torch.rand(40, 3), torch.zeros(40).long()), batch_size=8)
     >>> plan = engine.resolve(dataset_size=40, batches_per_epoch=5, steps_per_epoch=5)
@@ -54,7 +61,17 @@ from torch.utils.data import DataLoader
 from lightning_privacy._validation import check_bool, check_choice, check_float, check_int
 from lightning_privacy.accountants.gaussian import GaussianMechanismAccountant
 from lightning_privacy.accountants.registry import create_accountant
-from lightning_privacy.engines.opacus_layers import find_unsupported_layers, fix_unsupported_layers
+from lightning_privacy.engines.inplace import (
+    InplaceWrite,
+    find_inplace_writes,
+    inplace_report,
+    turn_off_inplace,
+)
+from lightning_privacy.engines.opacus_layers import (
+    fix_unsupported_layers,
+    group_layer_problems,
+    layer_problems,
+)
 from lightning_privacy.functional.accounting import check_delta, dpsgd_noise_multiplier
 
 __all__ = ["ACCOUNTANTS", "GRAD_SAMPLE_MODES", "DPSGDEngine", "DPSGDPlan", "steps_per_epoch"]
@@ -115,7 +132,8 @@ class DPSGDEngine:
         secure_mode: Cryptographically secure noise and sampling (needs ``torchcsprng``).
         grad_sample_mode: ``"hooks"``, ``"functorch"`` or ``"ghost"`` (per-sample losses).
         fix_model: Replace the layers Opacus can fix (BatchNorm -> GroupNorm, ...) in
-            :meth:`validate` instead of reporting them.
+            :meth:`validate`, and turn ``inplace`` off on the modules :meth:`rehearse` finds
+            modifying a hooked output in place, instead of reporting them.
 
     Attributes:
         accountant: The accountant the DP optimizer steps (Opacus's, wrapped).
@@ -169,25 +187,101 @@ class DPSGDEngine:
             The names of the layers replaced by ``fix_model=True``.
 
         Raises:
-            ValueError: Listing every layer Opacus cannot train, each with its fix.
+            ValueError: Listing every layer Opacus cannot train, one line per layer type and
+                problem (count, first names, the problem once, whether ``fix_model`` fixes it).
+
+        Example:
+            >>> net = torch.nn.Sequential(*[torch.nn.BatchNorm1d(2) for _ in range(5)])
+            >>> DPSGDEngine(max_grad_norm=1.0, noise_multiplier=1.0).validate(net)
+            Traceback (most recent call last):
+            ...
+            ValueError: DPSGD: Opacus cannot compute per-sample gradients for 5 layer(s) ...
+            >>> DPSGDEngine(max_grad_norm=1.0, noise_multiplier=1.0, fix_model=True).validate(net)
+            ['0', '1', '2', '3', '4']
         """
         replaced = fix_unsupported_layers(module) if self.fix_model else []
-        problems = find_unsupported_layers(module)
+        problems = layer_problems(module)
         if problems:
-            fix = (
-                "The remaining ones cannot be fixed automatically."
-                if self.fix_model
-                else "Fix: DPSGD(..., fix_model=True) replaces the fixable ones (BatchNorm -> "
-                "GroupNorm), or build the model with GroupNorm / opacus.validators."
-                "ModuleValidator.fix(model)."
-            )
+            if self.fix_model:
+                fix = "The remaining ones cannot be fixed automatically."
+            elif any(p.fixable for p in problems):
+                fix = (
+                    "Fix: DPSGD(..., fix_model=True) replaces the fixable ones (BatchNorm -> "
+                    "GroupNorm), or build the model with GroupNorm / opacus.validators."
+                    "ModuleValidator.fix(model)."
+                )
+            else:
+                fix = "fix_model=True cannot fix these; replace or freeze them."
+            lines = group_layer_problems(problems)
             raise ValueError(
                 f"DPSGD: Opacus cannot compute per-sample gradients for {len(problems)} layer(s) "
-                "of this model:\n  - " + "\n  - ".join(problems) + f"\n{fix}"
+                "of this model:\n  - " + "\n  - ".join(lines) + f"\n{fix}"
             )
         return replaced
 
-    # ------------------------------------------------------------------ 2. resolve
+    # ------------------------------------------------------------------ 2. rehearse
+    def rehearse(self, module: nn.Module, step: Callable[[nn.Module], Any]) -> list[str]:
+        """Rehearse one training step on a copy of ``module``; refuse the in-place writes found.
+
+        ``step(copy)`` runs the forward pass of one training step on a deep copy of ``module``
+        (with Opacus's hooks for this ``grad_sample_mode`` attached) and returns the loss, which
+        is back-propagated on the copy. ``module`` itself, its buffers and ``.grad`` and the
+        global random streams are left as they were (see
+        :func:`~lightning_privacy.engines.inplace.find_inplace_writes`). With ``fix_model=True``
+        a module whose own ``inplace=True`` is the cause gets ``inplace = False`` (on ``module``)
+        and the step is rehearsed again.
+
+        Returns:
+            The names of the modules ``fix_model=True`` set ``inplace=False`` on.
+
+        Raises:
+            ValueError: Naming every module that modifies a hooked layer's output in place, the
+                op, and what to change (grouped by module type and op).
+
+        Warns:
+            RuntimeWarning: If the rehearsal fails for another reason (the copy cannot be made,
+                ``step`` raises): the check is skipped; a real problem then shows in the first
+                training step.
+
+        Example:
+            >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(inplace=True))
+            >>> engine = DPSGDEngine(max_grad_norm=1.0, noise_multiplier=1.0)
+            >>> engine.rehearse(net, lambda copy: copy(torch.rand(2, 3)).sum())
+            Traceback (most recent call last):
+            ...
+            ValueError: DPSGD: 1 module(s) modify in place the output of a layer Opacus hooks ...
+            >>> engine.fix_model = True
+            >>> engine.rehearse(net, lambda copy: copy(torch.rand(2, 3)).sum()), net[1].inplace
+            (['1'], False)
+        """
+        writes = self._rehearsal(module, step)
+        fixed: list[str] = []
+        if self.fix_model and any(w.fixable for w in writes):
+            fixed = turn_off_inplace(module, [w.name for w in writes if w.fixable])
+            writes = self._rehearsal(module, step)
+        if writes:
+            raise ValueError(inplace_report(writes, fix_model=self.fix_model, fixed=fixed))
+        return fixed
+
+    def _rehearsal(self, module: nn.Module, step: Callable[[nn.Module], Any]) -> list[InplaceWrite]:
+        try:
+            return find_inplace_writes(
+                module,
+                step,
+                grad_sample_mode=self.grad_sample_mode,
+                max_grad_norm=self.max_grad_norm,
+            )
+        except Exception as err:  # not the check's to judge: a real error recurs in step one
+            warnings.warn(
+                "DPSGD could not rehearse the first training step on a copy of the model, so "
+                "the check for in-place writes Opacus's hooks forbid is skipped: "
+                f"{type(err).__name__}: {err}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return []
+
+    # ------------------------------------------------------------------ 3. resolve
     def resolve(
         self,
         *,
@@ -258,14 +352,16 @@ class DPSGDEngine:
             raise RuntimeError("DPSGDEngine.resolve() must run before this phase.")
         return self.plan
 
-    # ------------------------------------------------------------------ 3. make private
+    # ------------------------------------------------------------------ 4. make private
     def make_private(
         self, module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader[Any]
     ) -> tuple[torch.optim.Optimizer, DataLoader[Any]]:
         """Attach Opacus to ``module`` (hooks, no wrapper); the DP optimizer and Poisson loader.
 
         ``module`` may be a ``DistributedDataParallel`` wrapper: its own all-reduce of the
-        unclipped gradients is then replaced by a no-op communication hook.
+        unclipped gradients is then replaced by a no-op communication hook. The module comes
+        back hook-free, as between steps: :meth:`attach_hooks` before each step's forward,
+        :meth:`detach_hooks` after its backward.
         """
         from opacus import PrivacyEngine
 
@@ -292,6 +388,7 @@ class DPSGDEngine:
             for name, sub in module.named_modules():
                 sub.training = modes[name]
         self._hooks, self._optimizer = out[0], out[1]
+        self.detach_hooks()  # hook-free until the first step's attach_hooks, as between steps
         if isinstance(module, nn.parallel.DistributedDataParallel):
             _silence_ddp_allreduce(module)
         return out[1], out[-1]
@@ -337,7 +434,7 @@ class DPSGDEngine:
 
         DPTensorFastGradientClipping(self._hooks, self._optimizer, loss, "mean").backward()
 
-    # ------------------------------------------------------------------ 4. release
+    # ------------------------------------------------------------------ 5. release
     def release(self, module: nn.Module) -> None:
         """Remove Opacus's hooks and every attribute it left on the hooked layers and parameters."""
         if self._hooks is None:

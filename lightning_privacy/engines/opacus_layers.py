@@ -1,7 +1,9 @@
 """Which layers of a module Opacus can train with DP-SGD, and the fixes it knows.
 
 Pure checks on an ``nn.Module`` (no Lightning, no Trainer): the ``DPSGD`` callback calls them in
-``setup`` and reports every problem in one error, before anything is built.
+``setup`` and reports every problem in one error, before anything is built. A model has many layers
+of one type with one problem (ResNet-18: 20 BatchNorm2d), so the report groups them
+(:func:`group_layer_problems`): one line per type and problem, its count and first names.
 
 Example:
     >>> from torch import nn
@@ -11,9 +13,88 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 from torch import nn
 
-__all__ = ["find_unsupported_layers", "fix_unsupported_layers"]
+__all__ = [
+    "LayerProblem",
+    "find_unsupported_layers",
+    "fix_unsupported_layers",
+    "group_layer_problems",
+    "layer_problems",
+    "name_list",
+]
+
+#: Names :func:`name_list` shows before it says how many more there are.
+SHOWN_NAMES = 3
+
+
+@dataclass(frozen=True)
+class LayerProblem:
+    """One trainable layer Opacus cannot give per-sample gradients for.
+
+    Attributes:
+        name: The layer's qualified name in the module (``"net.bn1"``).
+        layer_type: Its class name (``"BatchNorm2d"``).
+        problem: Why, and what to do about it.
+        fixable: Whether ``fix_model=True`` (Opacus's ``ModuleValidator`` fixers) replaces it.
+
+    Example:
+        >>> print(LayerProblem("net.bn1", "BatchNorm2d", "mixes examples", fixable=True))
+        'net.bn1' (BatchNorm2d): mixes examples [fixable: fix_model=True]
+    """
+
+    name: str
+    layer_type: str
+    problem: str
+    fixable: bool
+
+    def __str__(self) -> str:
+        how = " [fixable: fix_model=True]" if self.fixable else ""
+        return f"{self.name!r} ({self.layer_type}): {self.problem}{how}"
+
+
+def name_list(names: Sequence[str], shown: int = SHOWN_NAMES) -> str:
+    """The first ``shown`` names quoted, then how many more there are.
+
+    Example:
+        >>> name_list(["a", "b"]), name_list(["a", "b", "c", "d", "e"])
+        ("'a', 'b'", "'a', 'b', 'c', … 2 more")
+    """
+    text = ", ".join(repr(n) for n in names[:shown])
+    return text if len(names) <= shown else f"{text}, … {len(names) - shown} more"
+
+
+def group_layer_problems(problems: Sequence[LayerProblem]) -> list[str]:
+    """One line per layer type and problem: ``count x type (first names …): problem [fix]``.
+
+    A type with one layer keeps the per-layer line of :func:`find_unsupported_layers`; the problem
+    text (Opacus's BatchNorm paragraph is 700 characters) appears once per group. Groups keep the
+    order of their first layer.
+
+    Example:
+        >>> bn = [LayerProblem(f"bn{i}", "BatchNorm2d", "mixes examples", True) for i in range(5)]
+        >>> for line in group_layer_problems([*bn, LayerProblem("x", "MyBN", "subclass", False)]):
+        ...     print(line)
+        5 x BatchNorm2d ('bn0', 'bn1', 'bn2', … 2 more): mixes examples [fixable: fix_model=True]
+        'x' (MyBN): subclass
+    """
+    groups: dict[tuple[str, str, bool], list[LayerProblem]] = {}
+    for problem in problems:
+        key = (problem.layer_type, problem.problem, problem.fixable)
+        groups.setdefault(key, []).append(problem)
+    lines = []
+    for (layer_type, _, _), members in groups.items():
+        if len(members) == 1:
+            lines.append(str(members[0]))
+            continue
+        first = members[0]
+        how = " [fixable: fix_model=True]" if first.fixable else ""
+        names = name_list([m.name for m in members])
+        lines.append(f"{len(members)} x {layer_type} ({names}): {first.problem}{how}")
+    return lines
 
 
 def find_unsupported_layers(module: nn.Module) -> list[str]:
@@ -32,17 +113,31 @@ def find_unsupported_layers(module: nn.Module) -> list[str]:
         '1' (BatchNorm2d)
         '2' (MyBN)
     """
+    return [str(problem) for problem in layer_problems(module)]
+
+
+def layer_problems(module: nn.Module) -> list[LayerProblem]:
+    """What :func:`find_unsupported_layers` reports, as :class:`LayerProblem` records.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+        >>> [(p.name, p.layer_type, p.fixable) for p in layer_problems(net)]
+        [('1', 'BatchNorm2d', True)]
+    """
     problems = []
     for name, sub in module.named_modules():
         if any(p.requires_grad for p in sub.parameters(recurse=False)):
-            problem = _layer_problem(sub)
-            if problem is not None:
-                problems.append(f"{name!r} ({type(sub).__name__}): {problem}")
+            found = _layer_problem(sub)
+            if found is not None:
+                problems.append(LayerProblem(name, type(sub).__name__, *found))
     return problems
 
 
-def _layer_problem(layer: nn.Module) -> str | None:
-    """Why Opacus cannot give per-sample gradients for one trainable layer (``None``: it can)."""
+def _layer_problem(layer: nn.Module) -> tuple[str, bool] | None:
+    """Why Opacus cannot give per-sample gradients for one trainable layer, and if it is fixable.
+
+    ``None``: it can.
+    """
     from opacus.validators.module_validator import ModuleValidator
 
     validator = ModuleValidator.VALIDATORS.get(type(layer))
@@ -51,20 +146,19 @@ def _layer_problem(layer: nn.Module) -> str | None:
         if not errors:
             return None
         fixable = ModuleValidator.FIXERS.get(type(layer)) is not None
-        how = " [fixable: fix_model=True]" if fixable else ""
-        return "; ".join(str(e) for e in errors) + how
+        return "; ".join(str(e) for e in errors), fixable
     if isinstance(layer, nn.modules.batchnorm._BatchNorm):
         return (
             "a subclass of BatchNorm (BatchNorm mixes examples, so per-sample gradients do not "
             "exist); Opacus's exact-type check misses it and fix_model cannot rebuild it -- build "
             "the model with GroupNorm/LayerNorm (timm: norm_layer=...), or freeze it "
             "(requires_grad_(False) and eval())"
-        )
+        ), False
     if list(layer.buffers(recurse=False)):
         return (
             "a trainable layer with buffers, which Opacus cannot compute per-sample gradients "
             "for -- replace it or freeze its parameters"
-        )
+        ), False
     return None
 
 
