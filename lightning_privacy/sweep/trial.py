@@ -273,13 +273,16 @@ def _fit(trainer: Any, module: Any, datamodule: Any) -> tuple[float, tuple[str, 
 def _measurements(
     trainer: Any, history: Mapping[str, list[list[float]]], defense: str
 ) -> dict[str, float | None]:
-    """The result's measurement fields: each one's final metric, else its last logged value."""
+    """The result's measurement fields: each one's final metric, else its last logged value.
+
+    A measurement whose last run failed is NaN there (the observers' failure policy) and becomes
+    ``None``: an earlier good value never stands in for it.
+    """
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     measured = {name: metrics.get(key, _last(history, key)) for name, key in _MEASURED.items()}
     if measured["epsilon"] is None and defense == NO_DEFENSE:
         measured["epsilon"] = math.inf
-    measured["epsilon"] = _finite_or_none(measured["epsilon"])
-    return measured
+    return {name: _finite_or_none(value) for name, value in measured.items()}
 
 
 def _image_files(directory: Path) -> tuple[str, ...]:
