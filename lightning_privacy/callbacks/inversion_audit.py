@@ -92,6 +92,7 @@ from lightning_privacy.callbacks._images import (
     send_text,
 )
 from lightning_privacy.callbacks._observer import isolated, log_rank_zero
+from lightning_privacy.callbacks._progress import measurement_progress
 from lightning_privacy.functional.attacks.common import Reconstruction, bn_mode
 from lightning_privacy.metrics import reconstruction_metrics
 
@@ -229,8 +230,10 @@ class InversionAudit(GradientObserver):
         defense = find_gradient_defense(trainer) if self.apply_defenses else None
         inputs, targets = self._device_held_out(pl_module)
         start = time.perf_counter()
+        description = f"InversionAudit: {type(self.attack).__name__}, step {trainer.global_step}"
         try:
-            rec, mode = self._reconstruct(pl_module, inputs, targets, defense)
+            with measurement_progress(trainer, description, total=None):
+                rec, mode = self._reconstruct(pl_module, inputs, targets, defense)
             scores = reconstruction_metrics(rec, (inputs.cpu(), targets.cpu()))
         except Exception as err:  # caught here, not by the base: the other ranks wait for rank 0
             if self.on_error == "raise":

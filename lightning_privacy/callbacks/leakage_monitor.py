@@ -87,6 +87,7 @@ from lightning_privacy.adapters import ModelAdapter
 from lightning_privacy.callbacks._budget import StopReason, stop_training_if
 from lightning_privacy.callbacks._gradient_view import GradientObserver, find_gradient_defense
 from lightning_privacy.callbacks._observer import isolated
+from lightning_privacy.callbacks._progress import measurement_progress
 from lightning_privacy.leakage import (
     ESTIMATORS,
     VALIDATED_RELATIVE_PERTURBATION,
@@ -245,7 +246,12 @@ class LeakageMonitor(GradientObserver):
     def _observe(self, trainer: L.Trainer, pl_module: L.LightningModule, *, on_step: bool) -> None:
         defense = find_gradient_defense(trainer)
         model, inputs, targets = self._estimation_inputs(pl_module)
-        with isolated(pl_module, train=False, seed=self.seed), torch.enable_grad():
+        description = f"LeakageMonitor: {self.estimator} I2F, step {trainer.global_step}"
+        with (
+            isolated(pl_module, train=False, seed=self.seed),
+            torch.enable_grad(),
+            measurement_progress(trainer, description, total=len(inputs)) as advance,
+        ):
             estimate = estimate_leakage(
                 model,
                 inputs,
@@ -259,6 +265,7 @@ class LeakageMonitor(GradientObserver):
                 data_range=self.data_range,
                 generator=self.generator,
                 max_seconds=self.max_seconds,
+                progress=advance,
             )
         metrics = estimate.metrics(per_class=self.per_class)
         nan = self._first_nan(metrics)

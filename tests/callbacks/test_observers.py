@@ -104,3 +104,22 @@ def test_a_failing_measurement_warns_and_training_goes_on(fast_trainer_kwargs, m
         )
     assert trainer.global_step == 2
     assert [h["failed"] for h in observer.history] == ["raised RuntimeError: broken loss"] * 2
+
+
+def test_a_measurement_reports_its_progress(fast_trainer_kwargs, monkeypatch):
+    import contextlib
+
+    import lightning_privacy.callbacks.leakage_monitor as monitor_module
+
+    calls = []
+
+    @contextlib.contextmanager
+    def recording(trainer, description, *, total):
+        calls.append((description.split(",")[0], total))
+        yield lambda done, total: calls.append((done, total))
+
+    monkeypatch.setattr(monitor_module, "measurement_progress", recording)
+    train, val = _loaders()
+    monitor = LeakageMonitor(every_n_train_steps=1, num_samples=2, batch=next(iter(val)))
+    fit(fast_trainer_kwargs, [monitor], BoringModel(), train, max_steps=1)
+    assert calls == [("LeakageMonitor: exact I2F", 2), (1, 2), (2, 2)]
