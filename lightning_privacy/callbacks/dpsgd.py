@@ -319,7 +319,6 @@ class DPSGD(Callback):
         assert module is not None  # the strategy has wrapped the module by on_fit_start
         original = trainer.optimizers[0]
         dp_optimizer, dp_loader = self.engine.make_private(module, original, loader)
-        self.engine.detach_hooks()  # hook-free until the first step (observers check the model)
         self._undo = [
             lambda: self.engine.release(module),
             _swap_optimizer(trainer, original, dp_optimizer),
