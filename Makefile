@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-gpu lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,6 +18,10 @@ demo: $(STAMP)
 
 test: lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --doctest-modules lightning_privacy tests
+
+# The GPU suite (tests/gpu): runs where CUDA exists; elsewhere every test skips with the reason.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -rs -p no:cacheprovider tests/gpu
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lightning_privacy tests examples benchmarks
