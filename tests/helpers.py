@@ -128,6 +128,27 @@ SIGMOID_MLP = dict(
 )
 
 
+class Recorder(L.Callback):
+    """Records the gradients seen in ``on_before_optimizer_step`` and the parameters around it.
+
+    Put one before and one after a ``GradientDefense`` in the callbacks to see the gradient
+    before and after the defense, and the update the optimizer made from it.
+    """
+
+    def __init__(self) -> None:
+        self.grads: list[dict[str, Tensor]] = []
+        self.before: list[dict[str, Tensor]] = []
+        self.after: list[dict[str, Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters()})
+        self.before.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if len(self.after) < len(self.before):
+            self.after.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+
 def digits(n: int | None = None, *, image_size: int = 8) -> tuple[Tensor, Tensor]:
     """The first ``n`` (default: all 1,797) embedded digits, ``(n, 1, image_size, image_size)``."""
     x, y = load_digits_tensors(image_size=image_size, channels=1)

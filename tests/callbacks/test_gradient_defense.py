@@ -9,11 +9,10 @@ import warnings
 from types import SimpleNamespace
 
 import helpers
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import PLAIN_MLP, BoringModel, loader, random_tensors
+from helpers import PLAIN_MLP, BoringModel, Recorder, loader, random_tensors
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_privacy.callbacks import GradientDefense
@@ -37,21 +36,6 @@ TINY = dict(PLAIN_MLP, input_shape=(12,), width=10, num_classes=3)
 
 def train_loader():
     return loader(*random_tensors(32, (12,), num_classes=3, seed=1, normal=True), batch_size=8)
-
-
-class Recorder(L.Callback):
-    """Records grads seen in on_before_optimizer_step and params around each step."""
-
-    def __init__(self):
-        self.grads, self.before, self.after = [], [], []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters()})
-        self.before.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if len(self.after) < len(self.before):
-            self.after.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
 
 
 def fit(kw, callbacks, module=None, **trainer_kw):

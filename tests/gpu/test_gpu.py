@@ -14,7 +14,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BoringModel, digits, loader
+from helpers import BoringModel, Recorder, digits, loader
 
 from lightning_privacy.attacks import InvertingGradients
 from lightning_privacy.callbacks import DPSGD, GradientDefense, InversionAudit, LeakageMonitor
@@ -28,21 +28,6 @@ GPU = dict(
     enable_progress_bar=False,
     enable_model_summary=False,
 )
-
-
-class Recorder(L.Callback):
-    """Gradients in on_before_optimizer_step (after the defense, unscaled) and the update."""
-
-    def __init__(self):
-        self.grads, self.before, self.after = [], [], []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters()})
-        self.before.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if len(self.after) < len(self.before):
-            self.after.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
 
 
 def train_loader():
