@@ -1,4 +1,4 @@
-"""Our DLG and Inverting Gradients against Breaching's on the same model, image, budget, seed.
+"""Our DLG and Inverting Gradients against Breaching's on the same model, image, seed.
 
 Breaching (``pip install -e ".[benchmark]"``, PyPI ``breaching==0.1.2``) is driven through its
 attack API with a server payload and shared data built here from our model, image and gradient
@@ -10,17 +10,26 @@ the same seed, labels not given, and are scored by the same ``reconstruction_met
   ``deepleakage`` preset (L-BFGS lr 1, randn start, 1,200 steps); ours: ``DeepLeakage()``
   (L-BFGS with strong-Wolfe line search, start in [0, 1], up to 4 restarts x 300 steps = the same
   1,200-step budget, stopping at a relative matching loss of 1e-8).
-* Inverting Gradients: CIFAR-style ResNet-18 in eval mode, one 32 px photo patch; Breaching's
-  ``invertinggradients`` preset and ours (same TV weight 0.2), both cut to ``--ig-iterations``.
+* Inverting Gradients, time to quality: CIFAR-style ResNet-18 in eval mode and the sigmoid LeNet
+  (3 channels, 100 classes), ``--images`` 32 px photo patches each. Breaching's
+  ``invertinggradients`` preset runs ``--ig-iterations`` (2,000); ours is
+  ``InvertingGradients.fast()``. Both keep their best iterate, which is traced against wall time
+  (Breaching's by wrapping its ``_compute_objective``, which changes nothing it computes; ours
+  through the ``callback`` of ``inverting_gradients``). The table gives the seconds each side
+  needs to reach Breaching's final PSNR and the ratio; the curves go to ``--curve`` (PNG). On
+  the LeNet our paper preset at the same iterations is traced too. Breaching's TV prior needs
+  three channels, hence the RGB LeNet. Both sides are warmed up once (a 3-step run) first.
 
-Usage: ``python benchmarks/attack_vs_breaching.py [--quick] [--faces 5] [--ig-iterations 2000]``
-(the full run takes about 35 min on one thread).
+Usage: ``python benchmarks/attack_vs_breaching.py [--quick] [--faces 5] [--images 3]
+[--skip-dlg] [--ig-iterations 2000] [--curve docs/ig_time_to_quality.png]`` (the full run takes
+about an hour on one thread, most of it Breaching on ResNet-18).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
 from typing import Any
 
@@ -30,7 +39,7 @@ from rich.table import Table
 
 from lightning_privacy.attacks import DeepLeakage, InvertingGradients
 from lightning_privacy.data import load_lfw_tensors, load_photo_patches
-from lightning_privacy.functional.attacks import observed_gradients_of
+from lightning_privacy.functional.attacks import inverting_gradients, observed_gradients_of
 from lightning_privacy.metrics import reconstruction_metrics
 from lightning_privacy.models import LeNetDLG, resnet18_cifar
 
@@ -47,10 +56,55 @@ class _Meta(dict):
             raise AttributeError(key) from err
 
 
+class _BestTrace:
+    """Breaching's kept candidate after every iteration, with its wall time.
+
+    Breaching keeps the candidate after a step whose objective (taken before that step) is the
+    smallest so far; wrapping ``_compute_objective`` sees both, so this replays that rule without
+    changing what Breaching computes.
+    """
+
+    def __init__(self, attacker) -> None:
+        self.points: list[tuple[float, torch.Tensor]] = []
+        self.best, self.best_x, self.last = float("inf"), None, float("inf")
+        self.started = time.perf_counter()
+        original = attacker._compute_objective
+
+        def wrapped(candidate, labels, rec_model, optimizer, shared_data, iteration):
+            self.step(candidate)
+            closure = original(candidate, labels, rec_model, optimizer, shared_data, iteration)
+
+            def traced():
+                value = closure()
+                self.last = float(value.detach())
+                return value
+
+            return traced
+
+        attacker._compute_objective = wrapped
+
+    def step(self, candidate: torch.Tensor) -> None:
+        if self.best_x is None or self.last < self.best:
+            self.best, self.best_x = min(self.best, self.last), candidate.detach().clone()
+        self.points.append((time.perf_counter() - self.started, self.best_x))
+
+
 def breaching_attack(
-    name: str, model, grads, shape, classes: int, iterations: int | None, seed: int
+    name: str,
+    model,
+    grads,
+    shape,
+    classes: int,
+    iterations: int | None,
+    seed: int,
+    num_samples: int = 1,
+    trace: bool = False,
 ):
-    """Run Breaching's preset ``name`` on our gradient; returns (inputs, labels, seconds)."""
+    """Run Breaching's preset ``name`` on our gradient.
+
+    Returns ``(inputs, labels, seconds, points)``; ``points`` is ``[(seconds, kept inputs)]``
+    after every iteration when ``trace`` (else empty), plus the returned result at the end.
+    """
     import breaching
 
     logging.getLogger("breaching").setLevel(logging.WARNING)
@@ -70,16 +124,21 @@ def breaching_attack(
         dict(
             gradients=[g.clone() for g in grads],
             buffers=None,
-            metadata=dict(num_data_points=1, labels=None, local_hyperparams=None),
+            metadata=dict(num_data_points=num_samples, labels=None, local_hyperparams=None),
         )
     ]
     torch.manual_seed(seed)
+    tracer = _BestTrace(attacker) if trace else None
     start = time.perf_counter()
+    if tracer is not None:
+        tracer.started = start
     rec, _ = attacker.reconstruct(payload, shared, {}, dryrun=False)
     seconds = time.perf_counter() - start
     labels = rec["labels"]
     labels = labels.argmax(-1) if labels.dim() > 1 else labels
-    return rec["data"].detach(), labels.reshape(-1), seconds
+    data = rec["data"].detach()
+    points = [] if tracer is None else [*tracer.points, (seconds, data)]
+    return data, labels.reshape(-1), seconds, points
 
 
 def row(table: Table, case: str, ours, theirs, truth) -> tuple[float, float]:
@@ -129,27 +188,7 @@ def new_table(title: str) -> Table:
     return table
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 face, tiny budgets")
-    parser.add_argument("--faces", type=int, default=5)
-    parser.add_argument("--dlg-iterations", type=int, default=1200, help="Breaching's L-BFGS steps")
-    parser.add_argument("--ig-iterations", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    if args.quick:
-        args.faces, args.dlg_iterations, args.ig_iterations = 1, 60, 5
-    try:
-        import breaching  # noqa: F401
-
-        have_breaching = True
-    except Exception as err:
-        console.print(
-            f"[yellow]Breaching unavailable ({type(err).__name__}: {err}); our side only."
-        )
-        have_breaching = False
-
+def dlg_section(args, have_breaching: bool) -> None:
     faces, labels = load_lfw_tensors(image_size=32, channels=1)
     picks = [0, 17, 35, 52, 71][: args.faces]
     table = new_table(
@@ -184,36 +223,206 @@ def main() -> None:
     if picks:
         console.print(table)
 
-    patches, patch_labels = load_photo_patches(image_size=32, channels=3, patches_per_photo=1)
-    torch.manual_seed(0)
-    resnet = resnet18_cifar(num_classes=10, channels=3).eval()
-    x, y = patches[:1], patch_labels[:1]
-    grads = observed_gradients_of(resnet, x, y)
-    table = new_table(
-        f"Inverting Gradients, ResNet-18 (eval), one 32 px patch, labels not given, "
-        f"{args.ig_iterations} iterations"
-    )
+
+def ig_victim(model_name: str, index: int):
+    """``(model, x, y, gradient, classes)`` for one photo patch."""
+    patches, labels = load_photo_patches(image_size=32, channels=3, patches_per_photo=1)
+    x, y = patches[index : index + 1], labels[index : index + 1]
+    if model_name == "ResNet-18 (eval)":
+        torch.manual_seed(0)
+        model, classes = resnet18_cifar(num_classes=10, channels=3).eval(), 10
+    else:
+        torch.manual_seed(1234)
+        model = LeNetDLG(num_classes=100, channels=3, image_size=32, init="uniform")
+        classes = 100
+    return model, x, y, observed_gradients_of(model, x, y), classes
+
+
+def ours_ig(attack: InvertingGradients, model, grads, seed: int):
+    """Our attack with its best iterate traced: ``(inputs, labels, seconds, points)``."""
+    points: list[tuple[float, torch.Tensor]] = []
     start = time.perf_counter()
-    rec = InvertingGradients(max_iterations=args.ig_iterations).reconstruct(
-        resnet,
+
+    def trace(step: int, objective: float, inputs: torch.Tensor) -> None:
+        points.append((time.perf_counter() - start, inputs))
+
+    rec = inverting_gradients(
+        model,
         grads,
         input_shape=(3, 32, 32),
         num_samples=1,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(seed),
+        callback=trace,
+        **attack.options(),
     )
-    ours = (rec.inputs, rec.labels, time.perf_counter() - start)
-    theirs = None
-    if have_breaching:
-        theirs = breaching_attack(
-            "invertinggradients", resnet, grads, (3, 32, 32), 10, args.ig_iterations, args.seed
-        )
-    a, b = row(table, "patch 0", ours, theirs, (x, y))
-    if have_breaching:
-        table.caption = (
-            f"per iteration: ours {a / args.ig_iterations:.3f} s, "
-            f"Breaching {b / args.ig_iterations:.3f} s"
+    seconds = time.perf_counter() - start
+    return rec.inputs, rec.labels, seconds, [*points, (seconds, rec.inputs)]
+
+
+def psnr_curve(points, truth: torch.Tensor) -> list[tuple[float, float]]:
+    """``[(seconds, PSNR)]`` of traced iterates (clamped to [0, 1], as the metrics do)."""
+    curve = []
+    for seconds, inputs in points:
+        mse = float(((inputs.clamp(0, 1) - truth) ** 2).mean())
+        curve.append((seconds, 200.0 if mse <= 1e-20 else 10 * math.log10(1 / mse)))
+    return curve
+
+
+def time_to(curve: list[tuple[float, float]], psnr: float) -> float:
+    """First traced time at which the kept iterate reaches ``psnr`` (``nan``: never)."""
+    return next((t for t, p in curve if p >= psnr), float("nan"))
+
+
+def warm_up(have_breaching: bool) -> None:
+    """One 3-step run of each side per model, so no first-call cost lands in a measurement."""
+    for model_name in IG_MODELS:
+        model, _, _, grads, classes = ig_victim(model_name, 0)
+        ours_ig(InvertingGradients.fast(max_iterations=3), model, grads, 0)
+        ours_ig(InvertingGradients(max_iterations=3), model, grads, 0)
+        if have_breaching:
+            breaching_attack("invertinggradients", model, grads, (3, 32, 32), classes, 3, 0)
+
+
+IG_MODELS = ("LeNet (sigmoid, RGB)", "ResNet-18 (eval)")
+IG_COLUMNS = (
+    "case",
+    "PSNR Breaching",
+    "s Breaching",
+    "PSNR ours",
+    "s ours (run)",
+    "s ours to Breaching's PSNR",
+    "time-to-quality ratio",
+    "run-time ratio",
+    "labels ours / Br.",
+)
+
+
+def ig_case(args, model_name: str, index: int, have_breaching: bool, curves: dict) -> list:
+    """One image: both attacks traced; the table row's cells."""
+    model, x, y, grads, classes = ig_victim(model_name, index)
+    fast_options = {} if args.fast_iterations is None else {"max_iterations": args.fast_iterations}
+    fast = ours_ig(InvertingGradients.fast(**fast_options), model, grads, args.seed)
+    fast_curve = psnr_curve(fast[3], x)
+    curves.setdefault((model_name, "ours: InvertingGradients.fast()"), []).append(fast_curve)
+    if "LeNet" in model_name:
+        paper = ours_ig(InvertingGradients(max_iterations=args.ig_iterations), model, grads, 0)
+        key = (model_name, f"ours: paper preset, {args.ig_iterations} it.")
+        curves.setdefault(key, []).append(psnr_curve(paper[3], x))
+    ours_psnr = reconstruction_metrics(fast[0], x)["psnr"]
+    ours_label = "yes" if int(fast[1][0]) == int(y[0]) else "no"
+    if not have_breaching:
+        return [f"{model_name}, patch {index}", "n/a", "n/a", f"{ours_psnr:.2f}", f"{fast[2]:.1f}"]
+    theirs = breaching_attack(
+        "invertinggradients",
+        model,
+        grads,
+        (3, 32, 32),
+        classes,
+        args.ig_iterations,
+        args.seed,
+        trace=True,
+    )
+    theirs_curve = psnr_curve(theirs[3], x)
+    curves.setdefault((model_name, f"Breaching, {args.ig_iterations} it."), []).append(theirs_curve)
+    target = reconstruction_metrics(theirs[0], x)["psnr"]
+    reach = time_to(fast_curve, target)
+    return [
+        f"{model_name}, patch {index}",
+        f"{target:.2f}",
+        f"{theirs[2]:.1f}",
+        f"{ours_psnr:.2f}",
+        f"{fast[2]:.1f}",
+        f"{reach:.1f}" if math.isfinite(reach) else "never",
+        f"{reach / theirs[2]:.3f}" if math.isfinite(reach) else "missed",
+        f"{fast[2] / theirs[2]:.3f}",
+        f"{ours_label} / {'yes' if int(theirs[1][0]) == int(y[0]) else 'no'}",
+    ]
+
+
+def ig_section(args, have_breaching: bool) -> None:
+    warm_up(have_breaching)
+    table = Table(
+        title=f"Inverting Gradients, time to quality: Breaching's preset at {args.ig_iterations} "
+        "iterations vs InvertingGradients.fast(), 32 px patches, labels not given"
+    )
+    for col in IG_COLUMNS:
+        table.add_column(col, justify="right")
+    curves: dict = {}
+    worst: dict[str, float] = {}
+    for model_name in IG_MODELS:
+        for index in range(args.images):
+            cells = ig_case(args, model_name, index, have_breaching, curves)
+            console.print(" | ".join(cells), style="dim")
+            table.add_row(*cells)
+            if len(cells) > 6:
+                ratio = float(cells[6]) if cells[6] != "missed" else math.inf
+                worst[model_name] = max(worst.get(model_name, 0.0), ratio)
+    if worst:
+        table.caption = "worst time-to-quality ratio: " + ", ".join(
+            f"{name} {value:.3f}" for name, value in worst.items()
         )
     console.print(table)
+    if args.curve:
+        plot_curves(curves, args.curve)
+        console.print(f"curves: {args.curve}")
+
+
+def plot_curves(curves: dict, path: str) -> None:
+    """PSNR against wall time, one panel per model, one colour per method, one line per image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(model for model, _ in curves))
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)
+    colours = {}
+    for (model, method), lines in curves.items():
+        ax = axes[0][models.index(model)]
+        colour = colours.setdefault(method, f"C{len(colours)}")
+        for k, line in enumerate(lines):
+            ts, ps = zip(*line, strict=True)
+            ax.plot(ts, ps, color=colour, alpha=0.85, lw=1.2, label=method if k == 0 else None)
+        ax.set_title(model)
+        ax.set_xscale("log")
+        ax.set_xlabel("wall time (s, one CPU thread)")
+        ax.set_ylabel("PSNR of the kept iterate (dB)")
+        ax.grid(alpha=0.3)
+    for ax in axes[0]:
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 face, tiny budgets")
+    parser.add_argument("--faces", type=int, default=5)
+    parser.add_argument("--images", type=int, default=3, help="patches per model for IG")
+    parser.add_argument("--skip-dlg", action="store_true")
+    parser.add_argument("--dlg-iterations", type=int, default=1200, help="Breaching's L-BFGS steps")
+    parser.add_argument("--ig-iterations", type=int, default=2000, help="Breaching's IG steps")
+    parser.add_argument("--fast-iterations", type=int, default=None, help="cap ours (smoke)")
+    parser.add_argument("--curve", default="docs/ig_time_to_quality.png", help="PNG ('' = none)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.quick:
+        args.faces, args.images, args.dlg_iterations, args.ig_iterations = 1, 1, 60, 20
+        args.fast_iterations = 20
+    try:
+        import breaching  # noqa: F401
+
+        have_breaching = True
+    except Exception as err:
+        console.print(
+            f"[yellow]Breaching unavailable ({type(err).__name__}: {err}); our side only."
+        )
+        have_breaching = False
+    if not args.skip_dlg:
+        dlg_section(args, have_breaching)
+    ig_section(args, have_breaching)
 
 
 if __name__ == "__main__":

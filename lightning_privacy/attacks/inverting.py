@@ -1,20 +1,32 @@
 """Inverting Gradients as a configured, registered component.
 
+Two presets: the paper's (the defaults, also :meth:`InvertingGradients.original`) for
+reproductions, and :meth:`InvertingGradients.fast`, which reaches the quality of Breaching's
+preset in a fraction of its wall time (``benchmarks/attack_vs_breaching.py``).
+
 Example:
     >>> from lightning_privacy.attacks import InvertingGradients
     >>> InvertingGradients().max_iterations, InvertingGradients().lr
     (24000, 0.1)
+    >>> InvertingGradients.original() == InvertingGradients()
+    True
+    >>> InvertingGradients.fast().max_iterations, InvertingGradients.fast().patience
+    (1000, 50)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from lightning_privacy._validation import check_choice, check_float, check_int
 from lightning_privacy.attacks.base import ATTACKS, Attack
 from lightning_privacy.attacks.dlg import _check_box
 from lightning_privacy.functional.attacks.dlg import INITS
 from lightning_privacy.functional.attacks.inverting import METHODS, inverting_gradients
+
+FAST_ITERATIONS = 1_000
+FAST_PATIENCE = 50
 
 
 @ATTACKS.register("inverting_gradients")
@@ -37,6 +49,9 @@ class InvertingGradients(Attack):
         signed: Sign of the input gradient.
         decay: Step learning-rate decay.
         method: How ``J^T v`` is computed: ``"forward_mode"``, ``"double_backward"``, ``"auto"``.
+        patience: Early stopping on a plateau of the objective (``None``: never, the paper): the
+            learning rate drops to its next stage after ``patience`` steps without a 0.1 %
+            improvement, and such a plateau in the last stage ends the trial.
         max_seconds: Wall-time bound for the whole attack, or ``None``.
 
     Example:
@@ -59,8 +74,38 @@ class InvertingGradients(Attack):
     signed: bool = True
     decay: bool = True
     method: str = "auto"
+    patience: int | None = None
     max_seconds: float | None = None
     function = staticmethod(inverting_gradients)
+
+    @classmethod
+    def original(cls, **overrides: Any) -> InvertingGradients:
+        """The paper's preset (Breaching's ``invertinggradients.yaml``), for reproductions.
+
+        Example:
+            >>> InvertingGradients.original(max_iterations=2_000).max_iterations
+            2000
+        """
+        return cls(**overrides)
+
+    @classmethod
+    def fast(cls, **overrides: Any) -> InvertingGradients:
+        """Time to quality: the paper's objective and optimiser on a short, adaptive schedule.
+
+        The same cosine + TV objective and signed Adam at lr 0.1, but ``FAST_ITERATIONS`` steps
+        (the decays at 3/8, 5/8, 7/8 of them), each learning-rate stage cut short when the
+        objective plateaus (``patience``), and ``J^T v`` by double backward, which is cheaper
+        than the forward-mode product on small networks and level with it on ResNet-18.
+
+        Example:
+            >>> attack = InvertingGradients.fast(max_seconds=60)
+            >>> attack.method, attack.max_seconds
+            ('double_backward', 60)
+        """
+        preset: dict[str, Any] = dict(
+            max_iterations=FAST_ITERATIONS, patience=FAST_PATIENCE, method="double_backward"
+        )
+        return cls(**{**preset, **overrides})
 
     def __post_init__(self) -> None:
         check_int("max_iterations", self.max_iterations, low=1)
@@ -71,6 +116,8 @@ class InvertingGradients(Attack):
         check_choice("signed", self.signed, (True, False))
         check_choice("decay", self.decay, (True, False))
         check_choice("method", self.method, METHODS)
+        if self.patience is not None:
+            check_int("patience", self.patience, low=1)
         if self.max_seconds is not None:
             check_float("max_seconds", self.max_seconds, low=0.0, low_open=True)
         _check_box(self.box)

@@ -31,7 +31,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +56,7 @@ from lightning_privacy.functional.attacks.dlg import initial_inputs
 from lightning_privacy.functional.gradients import gradient_product_input_grad
 
 METHODS = ("auto", "forward_mode", "double_backward")
+PLATEAU_TOLERANCE = 1e-3  # relative improvement of the best objective that is not a plateau
 
 
 def _cosine_and_input_grad(
@@ -107,8 +108,10 @@ def inverting_gradients(
     signed: bool = True,
     decay: bool = True,
     method: str = "auto",
+    patience: int | None = None,
     max_seconds: float | None = None,
     generator: Generator | None = None,
+    callback: Callable[[int, float, Tensor], None] | None = None,
 ) -> Reconstruction:
     """Reconstruct inputs from an observed gradient by cosine gradient matching.
 
@@ -129,8 +132,14 @@ def inverting_gradients(
         signed: Use the sign of the input gradient (paper: yes).
         decay: Learning rate x0.1 at 3/8, 5/8, 7/8 of the run.
         method: ``"forward_mode"``, ``"double_backward"`` or ``"auto"``.
+        patience: Early stopping on a plateau (paper: ``None``, never): when the best objective
+            has improved by less than 0.1 % over ``patience`` steps, the learning rate drops to
+            its next stage at once, and a plateau in the last stage ends the trial.
         max_seconds: Stop (keeping the best iterate) after this wall time, or ``None``.
         generator: Source of the random starts.
+        callback: Called after every step as ``callback(step, objective, inputs)`` with the
+            trial's best objective so far and its inputs (what the attack would return if it
+            stopped now; do not modify them), e.g. to trace quality against time.
 
     Returns:
         The best iterate of the best trial, the labels used, objective history, metadata.
@@ -162,6 +171,8 @@ def inverting_gradients(
         box=box,
         signed=signed,
         clock=clock,
+        patience=patience,
+        callback=callback,
     )
     kept, trial_objectives, iterations = best_of_restarts(
         lambda: descent.run(initial_inputs(shape, init, box, generator)),
@@ -196,6 +207,8 @@ class _SignedAdam:
     box: tuple[float, float] | None
     signed: bool
     clock: Stopwatch
+    patience: int | None = None
+    callback: Callable[[int, float, Tensor], None] | None = None
 
     def objective(self, x: Tensor) -> tuple[float, Tensor]:
         """``1 - cos(g(x), g*) + tv_weight * TV(x)`` and its input gradient."""
@@ -210,19 +223,18 @@ class _SignedAdam:
         return value, grad
 
     def run(self, start: Tensor) -> Trial:
-        """Steps from ``start`` to the budget, a non-finite objective or time out; the best iterate.
+        """Steps from ``start`` until the budget, a last-stage plateau, NaN or time out.
 
-        The trial's loss is the best iterate's objective (``inf`` if none was finite).
+        The best iterate is kept; the trial's loss is its objective (``inf`` if none was
+        finite).
         """
         x = start.requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=self.lr)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, milestones=self.milestones, gamma=0.1
-        )
+        stages = _Stages(self.milestones, self.patience)
         best_value, best_x = math.inf, x.detach().clone()
         history: list[float] = []
         evaluations = 0
-        for _ in range(self.max_iterations):
+        for step in range(self.max_iterations):
             value, grad = self.objective(x.detach())
             evaluations += 1
             if not math.isfinite(value):
@@ -230,14 +242,52 @@ class _SignedAdam:
             history.append(value)
             if value < best_value:
                 best_value, best_x = value, x.detach().clone()
+            decays = stages.decays(step, best_value)
+            if decays is None:
+                break
+            if decays:
+                for group in optimizer.param_groups:
+                    group["lr"] = group["lr"] * 0.1**decays
             x.grad = grad.sign() if self.signed else grad
             optimizer.step()
-            scheduler.step()
             if self.box is not None:
                 with torch.no_grad():
                     x.clamp_(*self.box)
+            if self.callback is not None:
+                self.callback(step, best_value, best_x)
             if self.clock.expired():
                 break
         return Trial(
             loss=best_value, inputs=best_x, labels=None, history=history, evaluations=evaluations
         )
+
+
+class _Stages:
+    """Learning-rate stages: x0.1 at each milestone, or on a plateau first; stop on the last one's.
+
+    Without ``patience`` this is ``MultiStepLR(milestones, gamma=0.1)`` step by step (the same
+    products). With it, a stage ends early when the best objective has improved by less than
+    :data:`PLATEAU_TOLERANCE` (relative) over ``patience`` steps, and a plateau in the last stage
+    ends the run.
+    """
+
+    def __init__(self, milestones: list[int], patience: int | None) -> None:
+        self.milestones = milestones
+        self.patience = patience
+        self.stage = 0
+        self.mark, self.mark_step = math.inf, 0
+
+    def decays(self, step: int, best: float) -> int | None:
+        """How many x0.1 decays apply from ``step`` on; ``None`` to stop before it."""
+        scheduled = sum(1 for m in self.milestones if 1 <= m <= step)
+        target = max(self.stage, scheduled)
+        if self.patience is not None and step - self.mark_step >= self.patience:
+            if best > self.mark - PLATEAU_TOLERANCE * abs(self.mark):
+                if self.stage >= len(self.milestones):
+                    return None
+                target = max(target, self.stage + 1)
+            self.mark, self.mark_step = best, step
+        if self.patience is not None and target > self.stage:
+            self.mark, self.mark_step = best, step
+        decays, self.stage = target - self.stage, target
+        return decays
