@@ -16,16 +16,20 @@ Composition
 -----------
 The batches of an epoch partition the training set (a shuffle without replacement, drawn
 independently of the data), so the changed example is in exactly one batch per epoch and the other
-releases of that epoch do not depend on it: one epoch costs one Gaussian mechanism. Epochs compose
-adaptively; the RDP of ``E`` epochs is that of ``E`` Gaussian mechanisms, computed with Opacus's
-RDP analysis at ``sample_rate=1`` (no amplification by sampling is claimed).
+releases of that epoch do not depend on it: one epoch costs one Gaussian mechanism per release
+that contains it (``releases_per_epoch``). Epochs compose adaptively; the RDP of ``E`` epochs is
+that of ``E * releases_per_epoch`` Gaussian mechanisms, computed with Opacus's RDP analysis at
+``sample_rate=1`` (no amplification by sampling is claimed).
 
 Assumptions (the ε means nothing if one fails)
 ----------------------------------------------
 * The clipping is on the batch gradient that is noised and released, and the noise is Gaussian
   with std ``std`` on that clipped vector, drawn fresh and independently every step.
-* Each example appears in at most one batch per epoch (no sampling with replacement, no repeated
-  examples, no gradient accumulation across epochs); partial epochs count as whole ones.
+* Each example appears in at most ``releases_per_epoch`` releases per epoch (``1``: one batch per
+  epoch stepped once; a batch stepped ``k`` times, ``k`` optimizers each clipped and noised, or an
+  example drawn into ``d`` batches multiply it). ``GradientDefense`` counts the defended
+  optimizer steps per batch and reads the sampler's draws per example (with replacement: every
+  release of the epoch); partial epochs count as whole ones.
 * The noise is added once to the released vector. Under DDP this is the aggregate view (same
   clipped global gradient, noise added once); independent per-rank noise is a different mechanism.
 * δ is the caller's; a common choice is ``δ < 1/N``.
@@ -40,6 +44,10 @@ Example:
     >>> acct.step(epochs=3)
     >>> acct.epochs, round(acct.get_epsilon(1e-5), 3) > 0
     (3, True)
+    >>> thrice = BatchClippingAccountant(max_grad_norm=1.0, std=8.0)
+    >>> thrice.step(epochs=3, releases_per_epoch=3)  # e.g. every batch stepped 3 times
+    >>> thrice.releases, thrice.get_epsilon(1e-5) > acct.get_epsilon(1e-5)
+    (9, True)
 """
 
 from __future__ import annotations
@@ -64,6 +72,7 @@ class BatchClippingAccountant(Accountant):
     Attributes:
         noise_multiplier: ``std / (2 * max_grad_norm)`` (sensitivity ``2C``, replace-one).
         epochs: Epochs recorded so far.
+        releases: Gaussian mechanisms composed so far (releases one example took part in).
 
     Example:
         >>> acct = BatchClippingAccountant(max_grad_norm=1.0, std=2.0)
@@ -86,19 +95,28 @@ class BatchClippingAccountant(Accountant):
             max_grad_norm=self.max_grad_norm, std=self.std
         )
         self._rdp = RDPAccountant()
+        self._epochs = 0
 
     @property
     def epochs(self) -> int:
         """Epochs recorded so far."""
+        return self._epochs
+
+    @property
+    def releases(self) -> int:
+        """Gaussian mechanisms composed so far."""
         return self._rdp.steps
 
-    def step(self, epochs: int = 1) -> None:
-        """Record ``epochs`` completed epochs (one Gaussian mechanism each)."""
-        self._rdp.step(
-            noise_multiplier=self.noise_multiplier,
-            sample_rate=1.0,
-            steps=check_int("epochs", epochs, low=0),
-        )
+    def step(self, epochs: int = 1, *, releases_per_epoch: int = 1) -> None:
+        """Record ``epochs`` epochs of ``releases_per_epoch`` releases per example each.
+
+        Each release one example takes part in is one Gaussian mechanism; ``0`` records an epoch
+        that released nothing.
+        """
+        e = check_int("epochs", epochs, low=0)
+        r = check_int("releases_per_epoch", releases_per_epoch, low=0)
+        self._rdp.step(noise_multiplier=self.noise_multiplier, sample_rate=1.0, steps=e * r)
+        self._epochs += e
 
     def get_epsilon(self, delta: float) -> float:
         """ε spent so far at ``delta`` (``0.0`` before the first epoch)."""
@@ -109,6 +127,7 @@ class BatchClippingAccountant(Accountant):
         return {
             "max_grad_norm": self.max_grad_norm,
             "std": self.std,
+            "epochs": self._epochs,
             "accountant": self._rdp.state_dict(),
         }
 
@@ -122,6 +141,7 @@ class BatchClippingAccountant(Accountant):
                     "mechanism."
                 )
         self._rdp.load_state_dict(state_dict["accountant"])
+        self._epochs = int(state_dict.get("epochs", self._rdp.steps))
 
     def __repr__(self) -> str:
         return (

@@ -67,16 +67,18 @@ class GaussianMechanismAccountant(Accountant):
             self.opacus_accountant.step(noise_multiplier=z, sample_rate=q)
 
     def get_epsilon(self, delta: float, **kwargs: Any) -> float:
-        """ε spent so far at ``delta`` (``0.0`` before the first step).
+        """ε spent so far at ``delta`` (``0.0`` before the first step), never negative.
 
-        Extra keyword arguments go to Opacus's ``get_epsilon`` (e.g. ``eps_error`` for PRV).
+        Opacus's conversion can go below zero for a large δ; every mechanism is ``(0, δ)``-DP
+        there, so ``0.0`` is returned. Extra keyword arguments go to Opacus's ``get_epsilon``
+        (e.g. ``eps_error`` for PRV).
         """
         d = check_delta(delta)
         if not self.opacus_accountant.history:
             return 0.0
         if any(z == 0.0 for z, _, _ in self.opacus_accountant.history):
             return float("inf")
-        return float(self.opacus_accountant.get_epsilon(delta=d, **kwargs))
+        return max(0.0, float(self.opacus_accountant.get_epsilon(delta=d, **kwargs)))
 
     def state_dict(self) -> dict[str, Any]:
         """Opacus's state (history and mechanism name)."""

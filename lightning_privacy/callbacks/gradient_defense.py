@@ -34,10 +34,20 @@ Guarantee: none of the transforms is differentially private on its own. A pipeli
 ``GradientClipping(max_norm=C)`` immediately followed by ``GaussianNoise(std=sigma * C)`` (what
 comes before the clipping cannot raise its bound, what comes after the noise is post-processing),
 applied to all parameters, is a Gaussian mechanism on the batch gradient with sensitivity ``2C``
-per example and epoch (each example is in one batch per epoch); for it the callback reports
-``privacy/epsilon`` through ``lightning_privacy.accountants.BatchClippingAccountant`` and can stop
-at ``max_epsilon``.
+per release; for it the callback reports ``privacy/epsilon`` through
+``lightning_privacy.accountants.BatchClippingAccountant`` and can stop at ``max_epsilon``. The ε
+composes every release one example takes part in per epoch: the defended optimizer steps of its
+batch (one in automatic optimization; each step of each optimizer in a manual ``training_step``)
+times the batches the sampler can draw it into per epoch (one for a shuffle without replacement;
+with replacement every release of the epoch counts) -- see
+:mod:`~lightning_privacy.callbacks._releases`; what was assumed is logged at the start and
+whenever an epoch releases an example more than once. ``target_delta`` must be below ``1 / N``.
 Every other pipeline says once that it has no formal guarantee.
+
+Manual optimization is defended when ``training_step`` steps the optimizers Lightning wraps
+(``self.optimizers()``); a step of the raw optimizer (``use_pl_optimizer=False``) bypasses
+``on_before_optimizer_step`` and is refused with an error before its update is applied (with
+``placement="local"`` the communication hook defends it anyway).
 
 Logged keys (per optimizer step; under ``local`` they describe rank 0's local gradient):
 ``defense/grad_norm`` (L2 norm before the defense), ``defense/perturbation_norm``
@@ -64,6 +74,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 import secrets
 from collections.abc import Sequence
@@ -86,8 +97,10 @@ from lightning_privacy._validation import (
 from lightning_privacy.accountants import BatchClippingAccountant
 from lightning_privacy.callbacks._budget import EpsilonBudget
 from lightning_privacy.callbacks._placements import Placement, placement_for
+from lightning_privacy.callbacks._releases import RawStepGuard, ReleaseCounter, draws_per_epoch
 from lightning_privacy.defenses.base import FormalMechanism, GradientTransform, formal_mechanism
 from lightning_privacy.defenses.in_place import InPlaceDefense
+from lightning_privacy.functional.accounting import check_delta_for_dataset
 from lightning_privacy.functional.gradients import select_parameters
 from lightning_privacy.functional.seeding import derive_seed
 
@@ -113,7 +126,8 @@ class GradientDefense(Callback):
         max_epsilon: Stop training before epsilon would exceed this (only with the formal
             pipeline ``[GradientClipping(max_norm=C), GaussianNoise(std=sigma * C)]``).
         target_delta: The delta of the reported epsilon; default ``1 / (10 N)`` with ``N`` the
-            training-set size. Only used with the formal pipeline.
+            training-set size; must be ``< 1 / N`` (checked before the first step). Only used with
+            the formal pipeline.
         draw_noise_ahead: Draw the noise of ``GaussianNoise``/``LaplaceNoise`` for each step in a
             background thread from the start of the step's first batch, so that it overlaps
             with the forward and backward passes (CPU parameters, placements ``"single"`` and
@@ -185,6 +199,9 @@ class GradientDefense(Callback):
         self._accountant: BatchClippingAccountant | None = None
         self._accountant_state: dict[str, Any] | None = None
         self._delta: float | None = None
+        self._releases = ReleaseCounter(draws=1)
+        self._guard = RawStepGuard("GradientDefense")
+        self._said_releases: int | None = None
 
     @property
     @override
@@ -243,6 +260,8 @@ class GradientDefense(Callback):
     ) -> None:
         """Start the step (noise drawn ahead; the step the comm hook's buckets belong to)."""
         self._require_placement().on_train_batch_start(trainer)
+        self._releases.batch_start()
+        self._guard.reset()
 
     @override
     def on_train_batch_end(
@@ -255,6 +274,7 @@ class GradientDefense(Callback):
     ) -> None:
         """Discard a draw the step did not use, unless an accumulating step still needs it."""
         self._require_placement().on_train_batch_end(trainer)
+        self._releases.batch_end()
 
     @override
     def on_before_optimizer_step(
@@ -262,6 +282,8 @@ class GradientDefense(Callback):
     ) -> None:
         """Defend ``.grad`` (``single``/``aggregate``) and log the step's statistics."""
         self._require_placement().before_optimizer_step(trainer, optimizer)
+        self._guard.defended(optimizer)
+        self._releases.release()
         stats = self._defense.pop_statistics()
         if not stats:
             return
@@ -275,15 +297,25 @@ class GradientDefense(Callback):
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Stop the background thread."""
+        """Stop the background thread; remove the optimizers' step hooks."""
+        self._guard.detach()
         if self._placement is not None:
             self._placement.close()
+
+    @override
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        """Clean up as in ``teardown`` (Lightning skips teardown hooks on exceptions)."""
+        self.teardown(trainer, pl_module, "fit")
 
     # ------------------------------------------------------------------ privacy accounting
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Prepare noise drawn ahead; build the formal pipeline's accountant (needs the data)."""
         self._require_placement().on_train_start(trainer)
+        if self.placement != "local":  # the comm hook defends whatever steps the optimizer
+            self._guard.attach(list(trainer.optimizers))
         if self.formal is None:
             return
         max_norm, std = self.formal
@@ -291,29 +323,54 @@ class GradientDefense(Callback):
         if self._accountant_state is not None:
             self._accountant.load_state_dict(self._accountant_state)
             self._accountant_state = None
-        self._delta = (
-            self.target_delta if self.target_delta is not None else _default_delta(trainer)
+        self._delta = _delta(trainer, self.target_delta)
+        draws, why = draws_per_epoch(_train_loader(trainer))
+        self._releases = ReleaseCounter(draws=draws)
+        rank_zero_info(
+            f"GradientDefense: ε counts one Gaussian mechanism per defended optimizer step for the "
+            f"examples of its batch, and the sampler is {why}; epochs compose (RDP)."
         )
         self.budget.check_first_release(
-            epsilon_after=self._accountant.epsilon_after(self._delta, epochs=1),
+            epsilon_after=self._accountant.epsilon_after(
+                self._delta, epochs=1, releases_per_epoch=self._predicted_releases(trainer)
+            ),
             delta=self._delta,
             fix=f"GradientClipping(max_norm={max_norm}) + GaussianNoise(std={std}): increase the "
             "noise std or `max_epsilon`",
         )
+
+    def _predicted_releases(self, trainer: L.Trainer) -> int:
+        """Releases per example of the coming epoch (the last epoch's once there was one)."""
+        batches = trainer.num_training_batches
+        accumulate = max(1, trainer.accumulate_grad_batches)
+        steps = int(batches) // accumulate if math.isfinite(batches) else 1
+        module = trainer.lightning_module
+        per_batch = 1 if module.automatic_optimization else max(1, len(trainer.optimizers))
+        return self._releases.predicted(steps_per_epoch=steps, steps_per_batch=per_batch)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Account one epoch, log ``privacy/epsilon`` and ``privacy/delta``, stop at the budget."""
         if self._accountant is None or self._delta is None:
             return
-        self._accountant.step(epochs=1)
+        releases = self._releases.epoch_end()
+        if releases > 1 and releases != self._said_releases:
+            self._said_releases = releases
+            rank_zero_info(
+                f"GradientDefense: in epoch {trainer.current_epoch} one example took part in up to "
+                f"{releases} releases (defended optimizer steps per batch x draws per epoch); ε "
+                f"composes {releases} Gaussian mechanisms for that epoch."
+            )
+        self._accountant.step(epochs=1, releases_per_epoch=releases)
         epsilon = float(self._accountant.get_epsilon(self._delta))
         pl_module.log("privacy/epsilon", epsilon, on_step=False, on_epoch=True, sync_dist=True)
         pl_module.log("privacy/delta", self._delta, on_step=False, on_epoch=True, sync_dist=True)
         self.budget.stop_before_exceeding(
             trainer,
             epsilon=epsilon,
-            epsilon_after=self._accountant.epsilon_after(self._delta, epochs=1),
+            epsilon_after=self._accountant.epsilon_after(
+                self._delta, epochs=1, releases_per_epoch=self._predicted_releases(trainer)
+            ),
             delta=self._delta,
         )
 
@@ -350,18 +407,27 @@ def _check_strategy(strategy: Any) -> bool:
     return isinstance(strategy, DDPStrategy)
 
 
-def _default_delta(trainer: L.Trainer) -> float:
-    """``1 / (10 N)`` with ``N`` the training-set size."""
+def _train_loader(trainer: L.Trainer) -> Any:
+    """The Trainer's train loader (the single one of a list)."""
     loader = trainer.train_dataloader
     if isinstance(loader, (list, tuple)) and len(loader) == 1:
         loader = loader[0]
+    return loader
+
+
+def _delta(trainer: L.Trainer, target_delta: float | None) -> float:
+    """``target_delta`` checked against ``1 / N``, else the default ``1 / (10 N)``."""
     try:
-        size = len(loader.dataset)  # type: ignore[union-attr]
+        size: int | None = len(_train_loader(trainer).dataset)
     except (AttributeError, TypeError):
+        size = None
+    if target_delta is not None:
+        return target_delta if size is None else check_delta_for_dataset(target_delta, size)
+    if not size:
         raise ValueError(
             "GradientDefense could not find the training-set size N for the default "
             "`target_delta = 1 / (10 N)`: pass `target_delta=` explicitly."
-        ) from None
+        )
     return 1.0 / (10 * size)
 
 

@@ -72,7 +72,11 @@ from lightning_privacy.engines.opacus_layers import (
     group_layer_problems,
     layer_problems,
 )
-from lightning_privacy.functional.accounting import check_delta, dpsgd_noise_multiplier
+from lightning_privacy.functional.accounting import (
+    check_delta,
+    check_delta_for_dataset,
+    dpsgd_noise_multiplier,
+)
 
 __all__ = ["ACCOUNTANTS", "GRAD_SAMPLE_MODES", "DPSGDEngine", "DPSGDPlan", "steps_per_epoch"]
 
@@ -312,12 +316,7 @@ class DPSGDEngine:
     def _delta(self, n: int, saved: float | None) -> float:
         if self.target_delta is None:
             return float(saved) if saved is not None else 1.0 / (10.0 * n)
-        if self.target_delta >= 1.0 / n:
-            raise ValueError(
-                f"Expected `target_delta` to be < 1/N = {1.0 / n:.3g} (N={n} training examples; a "
-                f"larger δ allows publishing an example outright), but got {self.target_delta!r}."
-            )
-        return self.target_delta
+        return check_delta_for_dataset(self.target_delta, n, "target_delta")
 
     def _noise_multiplier(
         self,

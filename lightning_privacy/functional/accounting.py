@@ -44,6 +44,36 @@ def check_delta(delta: Any, name: str = "delta") -> float:
     return check_float(name, delta, low=0.0, high=1.0, low_open=True, high_open=True)
 
 
+def check_delta_for_dataset(delta: Any, dataset_size: int, name: str = "target_delta") -> float:
+    """Validate ``0 < delta < 1 / N`` for a training set of ``N`` examples.
+
+    A δ of ``1 / N`` or more allows a mechanism that publishes one example outright, so the
+    reported ε would mean nothing; every callback that takes δ applies this check once it knows
+    ``N``.
+
+    Raises:
+        TypeError: If ``delta`` is not a real number.
+        ValueError: If it is outside ``(0, 1 / N)``, naming ``N``, the bound and the value.
+
+    Example:
+        >>> check_delta_for_dataset(1e-4, 1000)
+        0.0001
+        >>> check_delta_for_dataset(0.5, 1000)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `target_delta` to be > 0 and < 1/N = 0.001 ... but got 0.5 (float).
+    """
+    value = check_delta(delta, name)
+    n = check_int("dataset_size", dataset_size, low=1)
+    if value >= 1.0 / n:
+        raise ValueError(
+            f"Expected `{name}` to be > 0 and < 1/N = {1.0 / n:.3g} (N={n} training examples; a "
+            f"larger δ allows publishing an example outright), but got {delta!r} "
+            f"({type(delta).__name__})."
+        )
+    return value
+
+
 def dpsgd_epsilon(
     *,
     noise_multiplier: float,
@@ -62,10 +92,14 @@ def dpsgd_epsilon(
         accountant: ``"rdp"``, ``"prv"`` or ``"gdp"``.
 
     Returns:
-        ε; ``0.0`` after zero steps, ``inf`` for ``noise_multiplier == 0``.
+        ε, never negative: ``0.0`` after zero steps and where Opacus's conversion of a large δ
+        goes below zero (every mechanism is ``(0, δ)``-DP for a δ that large), ``inf`` for
+        ``noise_multiplier == 0``.
 
     Example:
         >>> dpsgd_epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=0, delta=1e-5)
+        0.0
+        >>> dpsgd_epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=100, delta=0.5)
         0.0
     """
     z = check_float("noise_multiplier", noise_multiplier, low=0.0)
@@ -79,7 +113,7 @@ def dpsgd_epsilon(
         return math.inf
     acct = _opacus_create(mechanism=accountant)
     acct.history = [(z, q, n)]
-    return float(acct.get_epsilon(delta=d))
+    return max(0.0, float(acct.get_epsilon(delta=d)))
 
 
 def dpsgd_noise_multiplier(
@@ -138,19 +172,27 @@ def batch_clipping_noise_multiplier(*, max_grad_norm: float, std: float) -> floa
     return s / (2.0 * c)
 
 
-def batch_clipping_epsilon(*, max_grad_norm: float, std: float, epochs: int, delta: float) -> float:
+def batch_clipping_epsilon(
+    *, max_grad_norm: float, std: float, epochs: int, delta: float, releases_per_epoch: int = 1
+) -> float:
     """ε(δ) of ``epochs`` epochs of batch clipping + Gaussian noise (replace-one adjacency).
 
-    One Gaussian mechanism with multiplier ``std / (2C)`` per epoch, composed ``epochs`` times by
-    Opacus's RDP analysis at ``sample_rate=1`` (no amplification by sampling).
+    One Gaussian mechanism with multiplier ``std / (2C)`` per release an example takes part in:
+    ``releases_per_epoch`` per epoch (``1`` when each example is in one batch per epoch and every
+    batch is stepped once), composed ``epochs * releases_per_epoch`` times by Opacus's RDP
+    analysis at ``sample_rate=1`` (no amplification by sampling).
 
     Example:
         >>> e1 = batch_clipping_epsilon(max_grad_norm=1.0, std=20.0, epochs=1, delta=1e-5)
         >>> e4 = batch_clipping_epsilon(max_grad_norm=1.0, std=20.0, epochs=4, delta=1e-5)
-        >>> 0 < e1 < e4
+        >>> e1x4 = batch_clipping_epsilon(max_grad_norm=1.0, std=20.0, epochs=1, delta=1e-5,
+        ...                               releases_per_epoch=4)
+        >>> 0 < e1 < e4 == e1x4
         True
     """
     z = batch_clipping_noise_multiplier(max_grad_norm=max_grad_norm, std=std)
+    e = check_int("epochs", epochs, low=0)
+    r = check_int("releases_per_epoch", releases_per_epoch, low=0)
     return dpsgd_epsilon(
-        noise_multiplier=z, sample_rate=1.0, steps=epochs, delta=delta, accountant="rdp"
+        noise_multiplier=z, sample_rate=1.0, steps=e * r, delta=delta, accountant="rdp"
     )
