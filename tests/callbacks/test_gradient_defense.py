@@ -487,3 +487,117 @@ def test_formal_pipeline_is_recognised_from_metadata(fast_trainer_kwargs, pipeli
         {**fast_trainer_kwargs, "limit_train_batches": 2}, [defense], max_steps=-1, max_epochs=1
     )
     assert ("privacy/epsilon" in trainer.callback_metrics) == (formal is not None)
+
+
+# ---------------------------------------------------------------- issue 14: honest ε
+
+
+class SteppedTimes(BoringModel):
+    """Manual optimization that steps every batch ``times`` times (each on a fresh backward)."""
+
+    def __init__(self, times: int, *, raw: bool = False, optimizers: int = 1) -> None:
+        super().__init__(**TINY, manual=True)
+        self.times, self.raw, self.n_optimizers = times, raw, optimizers
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        optimizers = self.optimizers(use_pl_optimizer=not self.raw)
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        for _ in range(self.times):
+            for optimizer in optimizers:
+                optimizer.zero_grad()
+                self.manual_backward(self.loss_fn(self(x), y))
+                optimizer.step()
+
+    def configure_optimizers(self):
+        if self.n_optimizers == 1:
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
+        layers = list(self.net)
+        return [
+            torch.optim.SGD(layers[0].parameters(), lr=self.lr),
+            torch.optim.SGD(layers[-1].parameters(), lr=self.lr),
+        ]
+
+
+def _epsilon(kw, module, train=None, **defense_kw):
+    pipeline = [GradientClipping(max_norm=1.0), GaussianNoise(std=4.0)]
+    defense = GradientDefense(pipeline, seed=0, target_delta=1e-3, **defense_kw)
+    trainer, _ = helpers.fit(
+        kw, [defense], module, train if train is not None else train_loader(), max_epochs=2
+    )
+    return trainer.callback_metrics["privacy/epsilon"].item()
+
+
+def _batch_clipping(releases_per_epoch: int, epochs: int = 2) -> float:
+    """ε of ``epochs * releases_per_epoch`` Gaussian mechanisms of multiplier 4 / (2 * 1)."""
+    from lightning_privacy.functional import dpsgd_epsilon
+
+    steps = epochs * releases_per_epoch
+    return dpsgd_epsilon(noise_multiplier=2.0, sample_rate=1.0, steps=steps, delta=1e-3)
+
+
+def test_issue14_item1_delta_of_one_over_n_or_more_is_refused_and_epsilon_is_never_negative(
+    fast_trainer_kwargs,
+):
+    """Item 1: δ=0.5 logged ε=-0.454; functional ε went negative for a large δ."""
+    from lightning_privacy.accountants import BatchClippingAccountant, RDPAccountant
+    from lightning_privacy.functional import batch_clipping_epsilon, dpsgd_epsilon
+
+    pipeline = [GradientClipping(max_norm=1.0), GaussianNoise(std=1.0)]
+    with pytest.raises(ValueError, match=r"`target_delta`.*< 1/N = 0\.0312.*N=32.*got 0\.5"):
+        fit(fast_trainer_kwargs, [GradientDefense(pipeline, target_delta=0.5)], max_epochs=1)
+    assert dpsgd_epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=100, delta=0.5) >= 0.0
+    assert batch_clipping_epsilon(max_grad_norm=1.0, std=2.0, epochs=1, delta=0.9) >= 0.0
+    rdp, clip = RDPAccountant(), BatchClippingAccountant(max_grad_norm=1.0, std=2.0)
+    rdp.step(noise_multiplier=1.0, sample_rate=0.01, steps=100)
+    clip.step(epochs=1)
+    assert rdp.get_epsilon(0.5) >= 0.0 and clip.get_epsilon(0.9) >= 0.0
+
+
+@pytest.mark.parametrize(
+    ("case", "releases"),
+    [("a batch stepped 3 times", 3), ("two optimizers", 2), ("2N samples with replacement", 8)],
+)
+def test_issue14_item2_batch_clipping_epsilon_composes_every_release(
+    fast_trainer_kwargs, case, releases
+):
+    """Item 2: the same ε was reported however often an example's gradient was released."""
+    once = _epsilon(fast_trainer_kwargs, BoringModel(**TINY))
+    assert once == pytest.approx(_batch_clipping(1), rel=1e-6)
+    if case == "a batch stepped 3 times":
+        measured = _epsilon(fast_trainer_kwargs, SteppedTimes(3))
+    elif case == "two optimizers":
+        measured = _epsilon(fast_trainer_kwargs, SteppedTimes(1, optimizers=2))
+    else:  # 2N draws per epoch with replacement: an example may be in every one of the 8 steps
+        x, y = random_tensors(32, (12,), num_classes=3, seed=1, normal=True)
+        data = torch.utils.data.TensorDataset(x, y)
+        sampler = torch.utils.data.RandomSampler(
+            data, replacement=True, num_samples=64, generator=torch.Generator().manual_seed(0)
+        )
+        train = torch.utils.data.DataLoader(data, batch_size=8, sampler=sampler)
+        measured = _epsilon(fast_trainer_kwargs, BoringModel(**TINY), train)
+    assert measured == pytest.approx(_batch_clipping(releases), rel=1e-6)
+    assert measured > once
+
+
+def test_issue14_item2_what_the_epsilon_assumed_is_logged(fast_trainer_kwargs, caplog):
+    with caplog.at_level(logging.INFO):
+        _epsilon(fast_trainer_kwargs, SteppedTimes(3))
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "a shuffle without replacement" in said or "a sequence without replacement" in said
+    assert "up to 3 releases" in said
+
+
+def test_issue14_item5_stepping_the_raw_optimizer_is_refused_before_its_update(
+    fast_trainer_kwargs,
+):
+    """Item 5: manual optimization with use_pl_optimizer=False trained with no defense."""
+    module = SteppedTimes(1, raw=True)
+    before = params(module)
+    refused = r"never defended.*self\.optimizers\(\).*use_pl_optimizer=False"
+    with pytest.raises(RuntimeError, match=refused):
+        fit(fast_trainer_kwargs, [GradientDefense(GaussianNoise(std=0.1), seed=0)], module=module)
+    for n, p in params(module).items():
+        assert torch.equal(p, before[n]), f"{n}: an undefended update was applied"
+    # the optimizers Lightning wraps are defended (and nothing else is refused)
+    fit(fast_trainer_kwargs, [GradientDefense(GaussianNoise(std=0.1), seed=0)], SteppedTimes(2))
