@@ -30,7 +30,10 @@ sampling, ``q = 1 / len(train_loader)``); its gradient is clipped to L2 norm ``m
 over all parameters; the clipped sum gets ``N(0, (z C)^2)`` noise and is divided by the expected
 batch size. ``(ε, δ)`` is reported for add/remove-one adjacency by Opacus's RDP or PRV
 accountant. ``poisson_sampling=False`` keeps the user's shuffled fixed-size batches; the ε is then
-the usual approximation (Opacus says so), not a proof.
+the usual approximation, not a proof, and the callback warns so at fit start. With
+``target_epsilon`` the noise is planned for ``epochs`` (default ``max_epochs``): a Trainer that
+may train longer is warned about at fit start, and the epoch whose ε passes the target is warned
+about when it ends (``max_epsilon`` stops training instead).
 
 Under DDP (what each rank sends)
 --------------------------------
@@ -117,7 +120,7 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
@@ -218,6 +221,7 @@ class DPSGD(Callback):
         self.delta: float | None = self.engine.target_delta
         self._saved: Mapping[str, Any] | None = None
         self._undo: list[Callable[[], None]] = []
+        self._warned_past_target = False
 
     # ------------------------------------------------------------------ properties
     @property
@@ -327,6 +331,7 @@ class DPSGD(Callback):
         ]
         internals.replace_train_dataloader(trainer, dp_loader)
         self._announce(isinstance(module, torch.nn.parallel.DistributedDataParallel))
+        self._warn_approximations(trainer)
         self.budget.check_first_release(
             epsilon_after=self.engine.epsilon_after(_epoch_steps(trainer, plan.steps_per_epoch)),
             delta=plan.delta,
@@ -349,6 +354,36 @@ class DPSGD(Callback):
                 "all-reduces its clipped but un-noised gradient sum (central DP of the aggregate). "
                 "DDP's own all-reduce of the unclipped gradients is disabled (no-op comm hook)."
             )
+
+    def _warn_approximations(self, trainer: L.Trainer) -> None:
+        """Say at fit start when the reported ε is not the guarantee it looks like."""
+        if not self.engine.poisson_sampling:
+            rank_zero_warn(
+                "DPSGD(poisson_sampling=False): the accountant assumes Poisson sampling, but the "
+                "batches are the loader's shuffled fixed-size ones, so the ε reported is only an "
+                "approximation, not a guarantee. Use poisson_sampling=True for a proven ε."
+            )
+        target, planned = self.engine.target_epsilon, self.engine.epochs or trainer.max_epochs
+        longest = trainer.max_epochs
+        if target is not None and planned and (longest is None or longest < 0 or longest > planned):
+            rank_zero_warn(
+                f"DPSGD: target_epsilon={target} is planned for {planned} epoch(s), but the "
+                f"Trainer may train for max_epochs={longest}: ε passes the target after epoch "
+                f"{planned}. Set epochs={longest} (more noise) or max_epsilon={target} to stop "
+                "there."
+            )
+
+    def _warn_past_target(self, trainer: L.Trainer) -> None:
+        target = self.engine.target_epsilon
+        if target is None or self._warned_past_target or self.epsilon <= target * (1 + 1e-6):
+            return
+        self._warned_past_target = True
+        rank_zero_warn(
+            f"DPSGD: ε={self.epsilon:.4g} after epoch {trainer.current_epoch} has passed "
+            f"target_epsilon={target} (the noise was planned for "
+            f"{self.engine.epochs or trainer.max_epochs} epoch(s)); the guarantee of this run is "
+            f"the ε logged as privacy/epsilon, not the target."
+        )
 
     # ------------------------------------------------------------------ per step
     @override
@@ -380,6 +415,7 @@ class DPSGD(Callback):
         }
         for key, value in metrics.items():
             pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=False)
+        self._warn_past_target(trainer)
         if self.max_epsilon is not None and self.engine.plan is not None:
             steps = _epoch_steps(trainer, self.engine.plan.steps_per_epoch)
             self.budget.stop_before_exceeding(

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import helpers
 import opacus.accountants as oa
@@ -353,3 +354,21 @@ def test_hooks_are_attached_only_during_the_step(fast_trainer_kwargs):
     assert obs.hook_counts == [0, 0, 0]
     assert len(obs.grads) == 3
     assert dp.accountant.steps == 3
+
+
+def test_issue14_item3_approximate_or_overspent_epsilon_is_warned(fast_trainer_kwargs):
+    """Item 3: poisson_sampling=False and a target passed by training longer were silent."""
+    with pytest.warns(UserWarning, match=r"poisson_sampling=False.*only an approximation"):
+        fit(
+            [DPSGD(max_grad_norm=1.0, noise_multiplier=1.0, poisson_sampling=False)],
+            fast_trainer_kwargs,
+            max_epochs=1,
+        )
+    dp = DPSGD(max_grad_norm=1.0, target_epsilon=1.0, epochs=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit([dp], fast_trainer_kwargs, max_epochs=3)
+    said = [str(w.message) for w in caught]
+    assert any("planned for 1 epoch(s)" in m and "max_epochs=3" in m for m in said), said
+    past = [m for m in said if "has passed target_epsilon=1.0" in m]
+    assert len(past) == 1 and dp.epsilon > 1.0, said  # once, at the epoch that passed it
