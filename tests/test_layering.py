@@ -3,7 +3,8 @@
 1. **Utilities** (``lightning_privacy._validation``, ``._registry``) import nothing of the package.
 2. **Functional** (``lightning_privacy.functional``): pure functions on tensors and modules.
 3. **Components** (``defenses``, ``attacks``, ``accountants``, ``metrics``, ``leakage``,
-   ``engines``, the plain-torch reference models in ``models`` and the embedded data in ``data``).
+   ``engines``, ``membership``, the plain-torch reference models in ``models`` and the embedded
+   data in ``data``).
 4. **Lightning integration** (``callbacks``, ``sweep``, ``report``, ``cli``, ``models.lit``,
    ``data.datamodules``; ``models`` and ``data`` re-export the last two lazily, on first use).
 
@@ -36,6 +37,7 @@ LAYERS = {
     "lightning_privacy.metrics": 2,
     "lightning_privacy.leakage": 2,
     "lightning_privacy.engines": 2,
+    "lightning_privacy.membership": 2,
     "lightning_privacy.adapters": 2,
     "lightning_privacy.models": 2,
     "lightning_privacy.data": 2,
