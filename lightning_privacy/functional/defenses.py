@@ -390,7 +390,8 @@ def low_rank(grads: Sequence[Tensor], *, rank: int) -> list[Tensor]:
     A gradient of shape ``(d0, d1, ...)`` is reshaped to the matrix ``(d0, d1 * ...)`` (for a
     convolution: output channels x everything else), its SVD is truncated to the ``rank``
     largest singular values and the result is reshaped back. Matrices whose smaller side is at
-    most ``rank`` are returned unchanged. **1-D gradients (biases, norm scales) are returned
+    most ``rank`` are returned unchanged, and so are gradients with a NaN or infinite entry (their
+    eigendecomposition does not converge). **1-D gradients (biases, norm scales) are returned
     unchanged**: a vector is already rank 1, so this defense does not filter them -- combine it
     with noise or pruning, or restrict it with ``layers=`` if biases matter for your threat model.
 
@@ -412,8 +413,8 @@ def low_rank(grads: Sequence[Tensor], *, rank: int) -> list[Tensor]:
     tensors = _as_list(grads)
     out = []
     for g in tensors:
-        if g.dim() < 2 or min(g.shape[0], g[0].numel()) <= rank:
-            out.append(g.clone())
+        if g.dim() < 2 or min(g.shape[0], g[0].numel()) <= rank or not bool(g.isfinite().all()):
+            out.append(g.clone())  # nothing to filter, or no SVD of NaN/inf (returned unchanged)
             continue
         matrix = g.reshape(g.shape[0], -1)
         compute = matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()

@@ -601,3 +601,35 @@ def test_issue14_item5_stepping_the_raw_optimizer_is_refused_before_its_update(
         assert torch.equal(p, before[n]), f"{n}: an undefended update was applied"
     # the optimizers Lightning wraps are defended (and nothing else is refused)
     fit(fast_trainer_kwargs, [GradientDefense(GaussianNoise(std=0.1), seed=0)], SteppedTimes(2))
+
+
+class NaNLossAt(BoringModel):
+    """The loss of batch ``at`` is NaN (so is every gradient from then on: SGD spreads it)."""
+
+    def __init__(self, at: int = 1) -> None:
+        super().__init__(**TINY)
+        self.at = at
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.trainer.global_step == self.at else loss
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: "+".join(type(t).__name__ for t in p))
+def test_issue14_item10_non_finite_gradients_pass_through_unchanged_with_one_warning(
+    fast_trainer_kwargs, pipeline
+):
+    """Item 10: LowRankFiltering killed training on a NaN gradient (eigh failed to converge)."""
+    pre, post = Recorder(), Recorder()
+    defense = GradientDefense(pipeline, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, _ = fit(fast_trainer_kwargs, [pre, defense, post], NaNLossAt(1), max_steps=3)
+    assert trainer.global_step == 3, "training went on"
+    said = [w for w in caught if "NaN or infinite" in str(w.message)]
+    assert len(said) == 1 and said[0].category is RuntimeWarning
+    for step in (1, 2):  # the NaN step and the one after (weights are NaN now)
+        for n, g in pre.grads[step].items():
+            assert not g.isfinite().all(), n
+            torch.testing.assert_close(post.grads[step][n], g, rtol=0, atol=0, equal_nan=True)
+    assert defense._defense.non_finite == 2
