@@ -19,7 +19,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 from typing_extensions import override
 
 from lightning_privacy._validation import check_float, check_int
@@ -51,6 +51,69 @@ def split_held_out(
     )
 
 
+class EpochShuffle(RandomSampler):
+    """A shuffle without replacement whose order depends only on ``(seed, epoch)``.
+
+    Epoch ``e`` yields the order a ``DataLoader(shuffle=True,
+    generator=torch.Generator().manual_seed(seed))`` gives in its epoch ``e`` when it is built
+    once (the data modules' order before this sampler existed), however often the loader is
+    rebuilt. Lightning calls
+    :meth:`set_epoch` before every epoch (also the first one after resuming from a checkpoint),
+    so a resumed run sees the same data order as an uninterrupted one. Iterated without
+    ``set_epoch`` it moves to the next epoch by itself.
+
+    Args:
+        data_source: The data set.
+        seed: The seed of the shuffle.
+
+    Example:
+        >>> sampler = EpochShuffle(range(5), seed=0)
+        >>> first, second = list(sampler), list(sampler)
+        >>> sampler.set_epoch(1)
+        >>> list(sampler) == second != first
+        True
+        >>> loader = DataLoader(range(5), shuffle=True, generator=torch.Generator().manual_seed(0))
+        >>> [[int(i) for i in loader] for _ in range(2)] == [first, second]  # shuffle=True's
+        True
+    """
+
+    def __init__(self, data_source: Any, *, seed: int) -> None:
+        super().__init__(data_source)
+        self.seed = check_int("seed", seed, low=0)
+        self.epoch = 0
+        self._cursor: tuple[int, torch.Generator] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next iteration shuffles for (Lightning calls it before each one)."""
+        self.epoch = check_int("epoch", epoch, low=0)
+
+    def _generator_at(self, epoch: int) -> torch.Generator:
+        """The generator positioned before epoch ``epoch``'s draws."""
+        if self._cursor is not None and self._cursor[0] == epoch:
+            return self._cursor[1]
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(epoch):
+            _draw_epoch(generator, len(self.data_source))
+        return generator
+
+    @override
+    def __iter__(self) -> Any:
+        epoch = self.epoch
+        generator = self._generator_at(epoch)
+        order = _draw_epoch(generator, len(self.data_source)).tolist()
+        self._cursor = (epoch + 1, generator)
+        self.epoch = epoch + 1
+        return iter(order)
+
+
+def _draw_epoch(generator: torch.Generator, n: int) -> Tensor:
+    """One epoch's draws of ``DataLoader(shuffle=True, generator=generator)``; its order."""
+    torch.empty((), dtype=torch.int64).random_(generator=generator)  # the iterator's base seed
+    order = torch.randperm(n, generator=generator)
+    torch.randperm(n, generator=generator)  # RandomSampler's remainder (empty for num_samples=n)
+    return order
+
+
 class EmbeddedDataModule(L.LightningDataModule):
     """Base class: a tensor data set split once into train and held-out validation sets.
 
@@ -59,7 +122,8 @@ class EmbeddedDataModule(L.LightningDataModule):
         image_size: Side of the square images, in pixels.
         channels: 1 (grey) or 3 (RGB).
         val_fraction: Share of the data held out for validation and audits.
-        seed: Seed of the split and of the training shuffle.
+        seed: Seed of the split and of the training shuffle (:class:`EpochShuffle`: epoch ``e``
+            has the same order whether the run was resumed or not).
         num_workers: DataLoader workers.
     """
 
@@ -102,15 +166,15 @@ class EmbeddedDataModule(L.LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader[Any]:
-        """Shuffled training batches (seeded)."""
+        """Shuffled training batches, seeded by ``(seed, epoch)`` (:class:`EpochShuffle`)."""
         assert self.train_set is not None, "call setup() first"
-        gen = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             self.train_set,
             self.batch_size,
-            shuffle=True,
-            generator=gen,
+            sampler=EpochShuffle(self.train_set, seed=self.seed),
             num_workers=self.num_workers,
+            # the workers' base seed, from its own stream (not the global one, not the shuffle's)
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     @override
