@@ -113,15 +113,31 @@ def check_bool(name: str, value: Any) -> bool:
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     """Validate that ``value`` is one of ``choices``.
 
+    A bool matches only a bool choice and a bool choice only a bool (``1 == True`` in Python, but
+    ``1`` is not the flag ``True`` and ``True`` is not the channel count ``1``).
+
     Example:
         >>> check_choice("placement", "local", ("auto", "local", "aggregate"))
         'local'
+        >>> check_choice("line_search", 1, (True, False))
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `line_search` to be one of True, False, but got 1 (int).
     """
     options = tuple(choices)
-    if value not in options:
+    if not any(_same_choice(value, option) for option in options):
         allowed = ", ".join(repr(c) for c in options)
         raise ValueError(f"Expected `{name}` to be one of {allowed}, but got {describe(value)}.")
     return value
+
+
+def _same_choice(value: Any, option: Any) -> bool:
+    if isinstance(value, bool) != isinstance(option, bool):
+        return False
+    try:
+        return bool(value == option)
+    except Exception:  # an array or another object without a plain ==
+        return False
 
 
 def check_optional_schedule(

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 from typing_extensions import override
 
-from lightning_privacy._validation import check_float, check_int
+from lightning_privacy._validation import check_bool, check_choice, check_float, check_int
 from lightning_privacy.data.embedded import (
     PHOTO_NAMES,
     load_digits_tensors,
@@ -142,11 +142,11 @@ class EmbeddedDataModule(L.LightningDataModule):
         super().__init__()
         self.batch_size = check_int("batch_size", batch_size, low=1)
         self.image_size = check_int("image_size", image_size, low=4)
-        self.channels = channels
+        self.channels = check_choice("channels", channels, (1, 3))
         self.val_fraction = check_float(
             "val_fraction", val_fraction, low=0.0, high=1.0, low_open=True, high_open=True
         )
-        self.seed = seed
+        self.seed = check_int("seed", seed, low=0)
         self.num_workers = check_int("num_workers", num_workers, low=0)
         self.train_set: Dataset[Any] | None = None
         self.val_set: Dataset[Any] | None = None
@@ -257,10 +257,10 @@ class TorchvisionDataModule(L.LightningDataModule):
         image_size: int = 32,
     ) -> None:
         super().__init__()
-        if name not in ("cifar10", "mnist"):
-            raise ValueError(f"Expected `name` to be 'cifar10' or 'mnist', but got {name!r}.")
-        self.name, self.root, self.download = name, root, download
-        self.batch_size, self.image_size = batch_size, image_size
+        self.name = check_choice("name", name, ("cifar10", "mnist"))
+        self.root, self.download = root, check_bool("download", download)
+        self.batch_size = check_int("batch_size", batch_size, low=1)
+        self.image_size = check_int("image_size", image_size, low=4)
 
     def _dataset(self, train: bool) -> Dataset[Any]:
         from torchvision import datasets, transforms
