@@ -214,10 +214,14 @@ class LeakageMonitor(GradientObserver):
 
     def _check_cost(self, per_example: float, examples: int, input_dim: int) -> None:
         assert self.max_seconds is not None
+        cheaper = (
+            ""
+            if self.estimator == "lower_bound"
+            else "use estimator='lower_bound' (a bound, not a prediction), "
+        )
         fix = (
-            f"an input of {input_dim} values: use estimator='lower_bound' (a bound, not a "
-            "prediction) or restrict the observed parameters with `layers=`, or raise "
-            "`max_seconds`"
+            f"an input of {input_dim} values: {cheaper}restrict the observed parameters with "
+            "`layers=`, or raise `max_seconds`"
         )
         if per_example > self.max_seconds:
             raise ValueError(
