@@ -69,3 +69,31 @@ def test_issue14_item4_a_string_boolean_in_a_sweep_file_is_refused_at_its_line()
     message = str(caught.value)
     assert "line 4, key `defenses[0].poisson_sampling`" in message
     assert "Expected `poisson_sampling` to be a bool, but got 'no' (str)" in message
+
+
+def test_issue14_item12_errors_name_the_argument_the_allowed_ones_and_a_suggestion():
+    """Item 12: Python's bare "unexpected keyword argument 'sigma'" and an unnamed `batch`."""
+    import torch
+
+    from lightning_privacy.accountants import create_accountant
+    from lightning_privacy.attacks import create_attack
+    from lightning_privacy.defenses import create_defense
+
+    with pytest.raises(TypeError) as caught:
+        create_defense("gaussian_noise", sigma=0.1)
+    assert str(caught.value) == (
+        "Unknown argument `sigma` for the defense 'gaussian_noise'. Did you mean 'std'? "
+        "Allowed: 'std'."
+    )
+    with pytest.raises(TypeError, match=r"`max_iteration` .*Did you mean 'max_iterations'\?"):
+        create_attack("deep_leakage", max_iteration=10)
+    with pytest.raises(TypeError, match=r"Missing argument\(s\) `std` for the accountant"):
+        create_accountant("batch_clipping", max_grad_norm=1.0)
+    with pytest.raises(TypeError, match=r"`batch`.*a tuple of 1 element"):
+        InversionAudit(batch=(torch.zeros(2, 1, 8, 8),))
+    text = "defenses:\n  - name: gaussian_noise\n    strengths: [0.1]\n    sigma: 0.1\n"
+    with pytest.raises(SweepConfigError) as caught:
+        parse_sweep_config(text, source="s.yaml")
+    message = str(caught.value)
+    assert "line 4, key `defenses[0].sigma`: Unknown key 'sigma'" in message
+    assert "Values of `std` (the defense's strength) go in `strengths:`" in message

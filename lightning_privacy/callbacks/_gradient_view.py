@@ -265,7 +265,10 @@ class GradientObserver(ScheduledObserver):
             else check_float("max_seconds", max_seconds, low=0.0, low_open=True)
         )
         if batch is not None:  # the format is checked now; the module's own adapter in setup
-            self._held_out_of(adapter or ModelAdapter(), batch)
+            try:
+                self._held_out_of(adapter or ModelAdapter(), batch)
+            except TypeError as err:
+                raise TypeError(f"Invalid `batch` argument: {err}") from None
         self.batch = batch
         self._adapter: ModelAdapter | None = None
         self._held_out: tuple[Tensor, Tensor] | None = None

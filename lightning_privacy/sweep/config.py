@@ -62,7 +62,6 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import math
@@ -75,6 +74,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from lightning_privacy._registry import suggestion
 from lightning_privacy._validation import check_float, describe
 from lightning_privacy.attacks import ATTACKS, create_attack
 from lightning_privacy.sweep.components import (
@@ -325,9 +325,8 @@ class _Located:
 
 
 def _suggestion(value: Any, allowed: Any) -> str:
-    """`` Did you mean 'x'?`` for the closest of ``allowed``, or ``""``."""
-    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
+    """`` Did you mean 'x'?`` for the closest of ``allowed`` (or a synonym of it), or ``""``."""
+    return suggestion(str(value), [str(a) for a in allowed])
 
 
 def _unknown_keys(doc: _Located, section: Mapping[str, Any], allowed: Any, prefix: str) -> None:
@@ -442,12 +441,34 @@ def _check_defense_options(
     """Build the entry's component at every strength, so its own checks run before training."""
     allowed = defense_options(name)
     if allowed is not None:
-        _unknown_keys(doc, options, allowed, f"{base}.")
+        _check_option_names(doc, name, options, allowed, base)
     keys = {option: f"{base}.{option}" for option in options}
     for i, strength in enumerate(strengths):
         build = partial(defense_callback, name, strength, options, seed=_VALIDATION_SEED)
         located = {**keys, str(strength_parameter(name)): f"{base}.strengths[{i}]"}
         _build(doc, build, what=name, keys=located, fallback=base)
+
+
+def _check_option_names(
+    doc: _Located, name: str, options: Mapping[str, Any], allowed: tuple[str, ...], base: str
+) -> None:
+    """Unknown option keys, with the closest allowed one; the strength goes in ``strengths``."""
+    strength = str(strength_parameter(name))
+    for key in options:
+        if key in allowed:
+            continue
+        listed = ", ".join(repr(a) for a in allowed) or "none"
+        hint = _suggestion(key, allowed)
+        if key == strength or (not hint and _suggestion(key, (strength,))):
+            hint = (
+                f" Values of `{strength}` (the defense's strength) go in `strengths:`, "
+                "e.g. `strengths: [0.1]`."
+            )
+        raise doc.error(
+            f"{base}.{key}",
+            f"Unknown key {key!r} for the defense {name!r}.{hint} Allowed besides "
+            f"`name`, `strengths` and `overrides`: {listed}.",
+        )
 
 
 def _check_defense(doc: _Located, entry: Any, index: int) -> DefenseGrid:
