@@ -7,7 +7,7 @@ Example:
     >>> rec = Reconstruction(inputs=x.clone(), labels=torch.tensor([3]))
     >>> scores = reconstruction_metrics(rec, (x, torch.tensor([3])))
     >>> scores["psnr"], scores["label_acc"], sorted(scores)
-    (200.0, 1.0, ['label_acc', 'mse', 'psnr', 'ssim'])
+    (200.0, 1.0, ['label_acc', 'mse', 'psnr', 'psnr_worst', 'ssim'])
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def reconstruction_metrics(
         data_range: Value range of the images (reconstructions are clamped to it).
 
     Returns:
-        Images: ``mse``, ``psnr`` (dB), ``ssim``, ``label_acc`` (``nan`` when either side has no
+        Images: ``mse``, ``psnr`` (dB, mean over images), ``psnr_worst`` (the worst image's),
+        ``ssim``, ``label_acc`` (``nan`` when either side has no
         labels), and ``lpips`` only when its backbone weights are already cached (never
         downloaded). Batches are order-matched (Hungarian on pairwise MSE) first; label accuracy
         compares label multisets. Token ids (integer inputs): ``token_precision``,

@@ -260,20 +260,34 @@ def last_linear(model: nn.Module, target: Mapping[str, Tensor]) -> tuple[str, st
     return weight, bias if bias in target else None
 
 
-def restore_labels(model: nn.Module, gradients: Gradients, num_samples: int) -> Tensor:
+LABEL_RULES = ("auto", "count", "sign", "yin")
+
+
+def restore_labels(
+    model: nn.Module, gradients: Gradients, num_samples: int, *, rule: str = "auto"
+) -> Tensor:
     """Labels from the last linear layer's gradient, without any optimisation.
 
     * One sample (iDLG, Zhao et al., 2020): the true class is the only row of the last weight
       gradient with a negative sum (``dL/dz_c = p_c - 1[c = y]`` times non-negative features);
       with a bias, its gradient is ``dL/dz`` itself and the negative entry is the label.
-    * A batch with a bias (count estimate, the idea of Breaching's ``bias-corrected`` strategy):
-      the mean-reduced bias gradient is ``db_c = pbar_c - n_c / B``; classes absent from the batch
-      have ``db_c = pbar_c > 0``, so their mean estimates the softmax mass ``pbar`` of the present
-      ones, ``n_c ~ B (pbar - db_c)``, rounded by largest remainders to sum to ``B``. Handles
-      repeated labels.
-    * A batch without a bias (GradInversion, Yin et al., CVPR 2021, Breaching's ``yin``): the
-      ``num_samples`` classes whose weight-gradient rows have the most negative minimum; exact for
-      distinct labels and non-negative features.
+    * ``"count"``, a batch with a bias (count estimate, the idea of Breaching's
+      ``bias-corrected`` strategy): the mean-reduced bias gradient is ``db_c = pbar_c - n_c / B``;
+      classes absent from the batch have ``db_c = pbar_c > 0``, so their mean estimates the
+      softmax mass ``pbar`` of the present ones, ``n_c ~ B (pbar - db_c)``, rounded by largest
+      remainders to sum to ``B``. Handles repeated labels.
+    * ``"yin"`` (GradInversion, Yin et al., CVPR 2021, Breaching's ``yin``): the ``num_samples``
+      classes whose weight-gradient rows have the most negative minimum; exact for distinct
+      labels and non-negative features (repeats cycle through the order).
+    * ``"sign"`` (iDLG's rule read on a batch): the classes with a negative bias gradient
+      (weight-row sum without a bias), most negative first, each once, cycled to ``num_samples``.
+
+    Args:
+        model: The attacked model (its last ``nn.Linear`` is read).
+        gradients: The observed gradient.
+        num_samples: Batch size.
+        rule: ``"auto"`` (iDLG for one sample, else ``"count"`` with a bias and ``"yin"``
+            without), or one rule for any batch size.
 
     Returns:
         ``(num_samples,)`` int64 labels (a batch's in ascending class order).
@@ -283,17 +297,30 @@ def restore_labels(model: nn.Module, gradients: Gradients, num_samples: int) -> 
         >>> g = observed_gradients_of(m, torch.rand(1, 5), torch.tensor([3]))
         >>> restore_labels(m, g, 1)
         tensor([3])
+        >>> g = observed_gradients_of(m, torch.rand(3, 5), torch.tensor([0, 0, 2]))
+        >>> restore_labels(m, g, 3).tolist(), restore_labels(m, g, 3, rule="sign").tolist()
+        ([0, 0, 2], [0, 0, 2])
     """
+    from lightning_privacy._validation import check_choice
+
+    check_choice("rule", rule, LABEL_RULES)
     target = resolve_gradients(model, gradients)
     weight, bias = last_linear(model, target)
-    if num_samples == 1:
-        row = target[bias] if bias is not None else target[weight].sum(dim=1)
+    if rule == "auto":
+        rule = "idlg" if num_samples == 1 else ("count" if bias is not None else "yin")
+    row = target[bias] if bias is not None else target[weight].sum(dim=1)
+    if rule == "idlg":
         return row.argmin().reshape(1)
-    if bias is not None:
+    if rule == "count":
+        if bias is None:
+            raise ValueError("Expected a bias on the last linear layer for rule='count'.")
         return _count_labels(target[bias], num_samples)
-    minima = target[weight].min(dim=1).values
-    order = minima.argsort()
-    reps = (num_samples + minima.numel() - 1) // minima.numel()
+    if rule == "sign":
+        order = row.argsort()
+        order = order[: max(int((row < 0).sum()), 1)]
+    else:
+        order = target[weight].min(dim=1).values.argsort()
+    reps = (num_samples + order.numel() - 1) // order.numel()
     return order.repeat(reps)[:num_samples].sort().values
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -158,21 +159,20 @@ def inverting_gradients(
     used = given_or_restored_labels(model, matcher.target, num_samples, labels)
     if method == "auto":
         method = "double_backward" if bn_mode(model) == "train" else "forward_mode"
-    milestones = [round(max_iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+    milestones = [round(max_iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)] if decay else []
     clock = Stopwatch(max_seconds)
+    settings: dict[str, Any] = dict(tv_weight=tv_weight, lr=lr, box=box)
     descent = _SignedAdam(
         matcher,
         used,
         method=method,
-        tv_weight=tv_weight,
-        lr=lr,
-        milestones=milestones if decay else [],
+        milestones=milestones,
         max_iterations=max_iterations,
-        box=box,
         signed=signed,
         clock=clock,
         patience=patience,
         callback=callback,
+        **settings,
     )
     kept, trial_objectives, iterations = best_of_restarts(
         lambda: descent.run(initial_inputs(shape, init, box, generator)),
@@ -279,7 +279,7 @@ class _Stages:
 
     def decays(self, step: int, best: float) -> int | None:
         """How many x0.1 decays apply from ``step`` on; ``None`` to stop before it."""
-        scheduled = sum(1 for m in self.milestones if 1 <= m <= step)
+        scheduled = sum(1 for m in self.milestones if m <= step)
         target = max(self.stage, scheduled)
         if self.patience is not None and step - self.mark_step >= self.patience:
             if best > self.mark - PLATEAU_TOLERANCE * abs(self.mark):
