@@ -52,7 +52,8 @@ from lightning_privacy._validation import describe
 IMAGE_KEY = "attack/reconstruction"
 FOLDER = "inversion_audit"
 
-_warned: weakref.WeakSet[L.Trainer] = weakref.WeakSet()
+#: The callbacks already warned, per Trainer, that their images have nowhere to go.
+_warned: weakref.WeakKeyDictionary[L.Trainer, set[str]] = weakref.WeakKeyDictionary()
 
 
 def check_image_dir(image_dir: Any) -> Path | None:
@@ -181,35 +182,45 @@ def _lightnings_own_csv_logger(trainer: L.Trainer, logger: Logger) -> bool:
     )
 
 
-def _send_image(trainer: L.Trainer, logger: Logger, grid: Tensor, step: int) -> str | None:
+def _send_image(
+    trainer: L.Trainer,
+    logger: Logger,
+    grid: Tensor,
+    step: int,
+    key: str = IMAGE_KEY,
+    folder: str = FOLDER,
+) -> str | None:
     """Send ``grid`` to one logger in its own way; where it went (``None``: it takes no images)."""
     if isinstance(logger, MLFlowLogger):
-        logger.experiment.log_image(logger.run_id, _pixels(grid), key=IMAGE_KEY, step=step)
-        return f"MLflow run {logger.run_id} {IMAGE_KEY}"
+        logger.experiment.log_image(logger.run_id, _pixels(grid), key=key, step=step)
+        return f"MLflow run {logger.run_id} {key}"
     experiment = getattr(logger, "experiment", None)
     if callable(getattr(experiment, "add_image", None)):
         pixels = _pixels(grid)
         formats = "HWC" if pixels.ndim == 3 else "HW"
-        experiment.add_image(IMAGE_KEY, pixels, step, dataformats=formats)  # type: ignore[union-attr]
-        return f"{type(logger).__name__} {IMAGE_KEY}"
+        experiment.add_image(key, pixels, step, dataformats=formats)  # type: ignore[union-attr]
+        return f"{type(logger).__name__} {key}"
     if callable(getattr(logger, "log_image", None)):
-        logger.log_image(key=IMAGE_KEY, images=[_pixels(grid)], step=step)  # type: ignore[attr-defined]
-        return f"{type(logger).__name__} {IMAGE_KEY}"
+        logger.log_image(key=key, images=[_pixels(grid)], step=step)  # type: ignore[attr-defined]
+        return f"{type(logger).__name__} {key}"
     log_dir = getattr(logger, "log_dir", None)
     if isinstance(log_dir, (str, os.PathLike)) and not _lightnings_own_csv_logger(trainer, logger):
-        return str(write_private_png(grid, Path(log_dir) / FOLDER / f"step_{step:07d}.png"))
+        return str(write_private_png(grid, Path(log_dir) / folder / f"step_{step:07d}.png"))
     return None
 
 
-def _warn_failed(what: str, target: str, err: Exception) -> None:
+def _warn_failed(what: str, target: str, err: Exception, owner: str = "InversionAudit") -> None:
     rank_zero_warn(
-        f"InversionAudit could not send the {what} to {target}: {type(err).__name__}: {err}",
+        f"{owner} could not send the {what} to {target}: {type(err).__name__}: {err}",
         category=RuntimeWarning,
     )
 
 
 def _each_logger(
-    trainer: L.Trainer, what: str, send: Callable[[Logger], str | None]
+    trainer: L.Trainer,
+    what: str,
+    send: Callable[[Logger], str | None],
+    owner: str = "InversionAudit",
 ) -> tuple[list[str], int]:
     """Where ``send`` put ``what`` for each logger that took it; how many loggers raised.
 
@@ -220,7 +231,7 @@ def _each_logger(
         try:
             where = send(logger)
         except Exception as err:
-            _warn_failed(what, type(logger).__name__, err)
+            _warn_failed(what, type(logger).__name__, err, owner)
             failed += 1
             continue
         if where is not None:
@@ -229,7 +240,15 @@ def _each_logger(
 
 
 def send_image(
-    trainer: L.Trainer, grid: Tensor, step: int, *, image_dir: str | os.PathLike[str] | None = None
+    trainer: L.Trainer,
+    grid: Tensor,
+    step: int,
+    *,
+    image_dir: str | os.PathLike[str] | None = None,
+    key: str = IMAGE_KEY,
+    folder: str = FOLDER,
+    owner: str = "InversionAudit",
+    what: str = "reconstruction grid",
 ) -> list[str]:
     """Send a grid to every logger of ``trainer`` in that logger's own way, and to ``image_dir``.
 
@@ -241,6 +260,10 @@ def send_image(
         grid: A ``(C, H, W)`` float tensor in ``[0, 1]`` (:func:`reconstruction_grid`).
         step: The global step the grid belongs to.
         image_dir: A directory the user named: ``step_<step>.png`` files there too (``0600``).
+        key: The image's tag in the loggers.
+        folder: The folder under a CSV logger's ``log_dir``.
+        owner: The callback sending it, for the warnings (``MembershipAudit`` sends ROC curves).
+        what: What the image is, for the warnings.
 
     Returns:
         Where the grid went (for messages and tests).
@@ -255,18 +278,26 @@ def send_image(
         'lightning_logs/version_0/inversion_audit/step_0000005.png'
     """
     _pixels(grid)  # a bad grid is the caller's error, not a logger's
-    what = "reconstruction grid"
-    sent, failed = _each_logger(trainer, what, lambda lg: _send_image(trainer, lg, grid, step))
+    sent, failed = _each_logger(
+        trainer, what, lambda lg: _send_image(trainer, lg, grid, step, key, folder), owner
+    )
     if image_dir is not None:
         try:
             path = write_private_png(grid, Path(image_dir) / f"step_{step:07d}.png", ours=False)
         except OSError as err:
-            _warn_failed(what, f"image_dir={os.fspath(image_dir)!r}", err)
+            _warn_failed(what, f"image_dir={os.fspath(image_dir)!r}", err, owner)
             failed += 1
         else:
             sent.append(str(path))
-    if not sent and not failed and trainer not in _warned:
-        _warned.add(trainer)
+    warned = _warned.setdefault(trainer, set())
+    if not sent and not failed and owner not in warned:
+        warned.add(owner)
+        _warn_nowhere(owner)
+    return sent
+
+
+def _warn_nowhere(owner: str) -> None:
+    if owner == "InversionAudit":
         rank_zero_warn(
             "InversionAudit has nowhere to put its truth-vs-reconstruction images: no logger of "
             "the Trainer takes images (TensorBoardLogger, WandbLogger, MLFlowLogger, or a "
@@ -274,7 +305,13 @@ def send_image(
             "saved. Pass `InversionAudit(image_dir=...)` (files written 0600) or such a logger, "
             "or `log_images=False` to silence this."
         )
-    return sent
+        return
+    rank_zero_warn(
+        f"{owner} has nowhere to put its images: no logger of the Trainer takes images "
+        "(TensorBoardLogger, WandbLogger, MLFlowLogger, or a CSVLogger with a save_dir you "
+        f"chose) and no `image_dir` was given, so none are saved. Pass `{owner}(image_dir=...)` "
+        "(files written 0600) or such a logger, or `log_roc=False` to silence this."
+    )
 
 
 def _send_text(logger: Logger, key: str, text: str, step: int) -> str | None:

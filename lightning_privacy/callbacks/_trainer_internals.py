@@ -26,6 +26,7 @@ __all__ = [
     "process_group_timeout",
     "replace_train_dataloader",
     "restore_train_source",
+    "train_dataloader_before_fit",
     "train_source",
     "uses_distributed_sampler",
     "validation_source",
@@ -55,6 +56,26 @@ def replace_train_dataloader(trainer: L.Trainer, loader: DataLoader[Any]) -> Non
 
     trainer.fit_loop._data_source = _DataLoaderSource(loader, "train_dataloader")
     trainer.fit_loop._combined_loader = None
+
+
+def train_dataloader_before_fit(trainer: L.Trainer) -> Any:
+    """The train ``DataLoader`` the fit will iterate, built from its source (``None``: none).
+
+    Why private: ``MembershipAudit`` draws its member sample from the training data in ``setup``
+    (so bad input fails before training and a resumed run can restore the sample), but
+    ``trainer.train_dataloader`` is only built when the fit loop starts; the fit loop's data
+    source (datamodule, module or ``fit`` argument) is what gives the loader earlier. Building it
+    reads no data and draws nothing from the global RNG.
+    """
+    source = train_source(trainer)
+    if source is None or not source.is_defined():
+        return None
+    loader = source.dataloader()
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0] if loader else None
+    if isinstance(loader, dict):
+        loader = next(iter(loader.values()), None)
+    return loader
 
 
 def restore_train_source(trainer: L.Trainer, source: Any) -> None:

@@ -11,6 +11,7 @@ Example:
 from typing import TYPE_CHECKING
 
 from lightning_privacy._lazy import lazy_exports
+from lightning_privacy.data.canaries import Canaries, CanaryDataset, with_canaries
 from lightning_privacy.data.embedded import (
     PHOTO_NAMES,
     load_digits_tensors,
@@ -46,6 +47,8 @@ __getattr__ = lazy_exports(
 
 __all__ = [
     "PHOTO_NAMES",
+    "Canaries",
+    "CanaryDataset",
     "DigitsDataModule",
     "EmbeddedDataModule",
     "LFWDataModule",
@@ -55,4 +58,5 @@ __all__ = [
     "load_lfw_tensors",
     "load_photo_patches",
     "split_held_out",
+    "with_canaries",
 ]

@@ -43,6 +43,7 @@ from torch import Tensor
 from lightning_privacy._validation import check_float, check_int
 
 __all__ = [
+    "SUMMARY_FPRS",
     "advantage",
     "auc",
     "auc_confidence_interval",
@@ -56,6 +57,7 @@ __all__ = [
     "lira_offline_scores",
     "logit_confidence",
     "loss_scores",
+    "membership_summary",
     "modified_entropy_scores",
     "one_run_epsilon_lower_bound",
     "one_run_p_value",
@@ -413,6 +415,44 @@ def one_run_epsilon_lower_bound(
         if eps > best[0]:
             best = (eps, {"guesses": r, "correct": right, "canaries": m})
     return best
+
+
+#: The FPRs at which :func:`membership_summary` reports the TPR.
+SUMMARY_FPRS = (0.01, 0.001)
+
+
+def membership_summary(
+    member_scores: ArrayLike,
+    nonmember_scores: ArrayLike,
+    *,
+    delta: float,
+    confidence: float = 0.95,
+) -> dict[str, float]:
+    """Every number ``MembershipAudit`` logs about one set of scores.
+
+    Returns:
+        ``auc`` with its DeLong interval ``auc_low`` / ``auc_high`` (at ``confidence``),
+        ``advantage``, ``tpr_at_fpr_0.01`` and ``tpr_at_fpr_0.001`` (NaN when the non-members
+        cannot resolve the rate), ``epsilon_lower_bound`` (at ``delta``, ``confidence``).
+
+    Example:
+        >>> summary = membership_summary([0.9, 0.8, 0.7, 0.3], [0.6, 0.4, 0.2, 0.1], delta=1e-5)
+        >>> summary["auc"], summary["advantage"], summary["tpr_at_fpr_0.01"]
+        (0.875, 0.75, nan)
+    """
+    low, high = auc_confidence_interval(member_scores, nonmember_scores, confidence=confidence)
+    summary = {
+        "auc": auc(member_scores, nonmember_scores),
+        "auc_low": low,
+        "auc_high": high,
+        "advantage": advantage(member_scores, nonmember_scores),
+    }
+    for rate in SUMMARY_FPRS:
+        summary[f"tpr_at_fpr_{rate:g}"] = tpr_at_fpr(member_scores, nonmember_scores, rate)
+    summary["epsilon_lower_bound"] = epsilon_lower_bound(
+        member_scores, nonmember_scores, delta=delta, confidence=confidence
+    )
+    return summary
 
 
 def bootstrap_interval(
