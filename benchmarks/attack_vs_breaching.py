@@ -22,7 +22,8 @@ the same seed, labels not given, and are scored by the same ``reconstruction_met
 
 Usage: ``python benchmarks/attack_vs_breaching.py [--quick] [--faces 5] [--images 3]
 [--skip-dlg] [--ig-iterations 2000] [--curve docs/ig_time_to_quality.png]`` (the full run takes
-about an hour on one thread, most of it Breaching on ResNet-18).
+about an hour on one thread, most of it Breaching on ResNet-18; ``--jobs 4`` measures four
+images at a time, each in its own single-threaded process).
 """
 
 from __future__ import annotations
@@ -273,9 +274,12 @@ def time_to(curve: list[tuple[float, float]], psnr: float) -> float:
     return next((t for t, p in curve if p >= psnr), float("nan"))
 
 
-def warm_up(have_breaching: bool) -> None:
+IG_MODELS = ("LeNet (sigmoid, RGB)", "ResNet-18 (eval)")
+
+
+def warm_up(have_breaching: bool, models=IG_MODELS) -> None:
     """One 3-step run of each side per model, so no first-call cost lands in a measurement."""
-    for model_name in IG_MODELS:
+    for model_name in models:
         model, _, _, grads, classes = ig_victim(model_name, 0)
         ours_ig(InvertingGradients.fast(max_iterations=3), model, grads, 0)
         ours_ig(InvertingGradients(max_iterations=3), model, grads, 0)
@@ -283,7 +287,6 @@ def warm_up(have_breaching: bool) -> None:
             breaching_attack("invertinggradients", model, grads, (3, 32, 32), classes, 3, 0)
 
 
-IG_MODELS = ("LeNet (sigmoid, RGB)", "ResNet-18 (eval)")
 IG_COLUMNS = (
     "case",
     "PSNR Breaching",
@@ -339,20 +342,46 @@ def ig_case(args, model_name: str, index: int, have_breaching: bool, curves: dic
     ]
 
 
+def _run_case(args, model_name: str, index: int, have_breaching: bool) -> tuple[list, dict]:
+    """One image in a fresh worker: warm up on that model, then both attacks traced."""
+    torch.set_num_threads(1)
+    warm_up(have_breaching, models=(model_name,))
+    curves: dict = {}
+    return ig_case(args, model_name, index, have_breaching, curves), curves
+
+
 def ig_section(args, have_breaching: bool) -> None:
-    warm_up(have_breaching)
+    """All images of both models, ``--jobs`` of them at a time, each in its own process.
+
+    A worker times both sides of its image one after the other, so every ratio is measured side
+    by side in one process; with more workers than free cores both sides slow down together.
+    """
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    cases = [(m, i) for m in reversed(IG_MODELS) for i in range(args.images)]
+    results: dict = {}
+    curves: dict = {}
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(_run_case, args, m, i, have_breaching): (m, i) for m, i in cases}
+        for future in as_completed(futures):
+            cells, case_curves = future.result()
+            results[futures[future]] = cells
+            for key, lines in case_curves.items():
+                curves.setdefault(key, []).extend(lines)
+            console.print(" | ".join(cells), style="dim")
+            if args.curve:
+                plot_curves(curves, args.curve)
     table = Table(
         title=f"Inverting Gradients, time to quality: Breaching's preset at {args.ig_iterations} "
         "iterations vs InvertingGradients.fast(), 32 px patches, labels not given"
     )
     for col in IG_COLUMNS:
         table.add_column(col, justify="right")
-    curves: dict = {}
     worst: dict[str, float] = {}
     for model_name in IG_MODELS:
         for index in range(args.images):
-            cells = ig_case(args, model_name, index, have_breaching, curves)
-            console.print(" | ".join(cells), style="dim")
+            cells = results[(model_name, index)]
             table.add_row(*cells)
             if len(cells) > 6:
                 ratio = float(cells[6]) if cells[6] != "missed" else math.inf
@@ -363,7 +392,6 @@ def ig_section(args, have_breaching: bool) -> None:
         )
     console.print(table)
     if args.curve:
-        plot_curves(curves, args.curve)
         console.print(f"curves: {args.curve}")
 
 
@@ -405,6 +433,7 @@ def main() -> None:
     parser.add_argument("--ig-iterations", type=int, default=2000, help="Breaching's IG steps")
     parser.add_argument("--fast-iterations", type=int, default=None, help="cap ours (smoke)")
     parser.add_argument("--curve", default="docs/ig_time_to_quality.png", help="PNG ('' = none)")
+    parser.add_argument("--jobs", type=int, default=1, help="IG images measured at a time")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
