@@ -9,7 +9,8 @@
 * ``lightning-privacy report RUN_DIR`` -- (re)write ``RUN_DIR/report.html``.
 
 Invalid input (a bad sweep file, an unknown backend, Ray missing, no such run directory) prints
-one message naming the key or line and exits with code 2 before anything is written.
+one line per problem naming the line and key and exits with code 2 before anything is written;
+a sweep file is checked whole, every trial dry-run (:mod:`lightning_privacy.sweep.check`).
 
 Example:
     >>> from lightning_privacy.cli import build_parser
@@ -252,11 +253,11 @@ def run_sweep_command(args: argparse.Namespace, console: Console) -> int:
         ...     print(type(err).__name__)
         SweepConfigError
     """
-    from lightning_privacy.sweep import load_sweep_config
+    from lightning_privacy.sweep.check import check_sweep_file
     from lightning_privacy.sweep.results import RESULTS_CSV
     from lightning_privacy.sweep.runner import run_sweep
 
-    config = load_sweep_config(args.config, backend=args.backend)
+    config = check_sweep_file(args.config, backend=args.backend)  # every key, then a dry run
     if args.workers is not None and args.workers < 1:
         raise _usage(f"Expected `--workers` to be an int >= 1, but got {args.workers} (int).")
     out = Path(args.out or f"runs/{Path(args.config).stem}")
@@ -313,7 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.print(f"Report: {path}")
             return 0
     except (SweepConfigError, _UsageError) as err:
-        errors.print(Text.assemble(("error: ", "bold red"), str(err)), soft_wrap=True)
+        for problem in getattr(err, "errors", (err,)):  # every problem of a sweep file, one a line
+            errors.print(Text.assemble(("error: ", "bold red"), str(problem)), soft_wrap=True)
         return EXIT_USAGE
     return EXIT_USAGE  # pragma: no cover - argparse requires a command
 

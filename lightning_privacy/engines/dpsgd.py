@@ -82,6 +82,11 @@ __all__ = ["ACCOUNTANTS", "GRAD_SAMPLE_MODES", "DPSGDEngine", "DPSGDPlan", "step
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 ACCOUNTANTS = ("rdp", "prv")
+_GHOST_NEEDS_PER_SAMPLE = (
+    "DPSGD(grad_sample_mode='ghost') needs per-sample losses: return "
+    "F.cross_entropy(logits, y, reduction='none') (shape [batch]) from training_step instead of "
+    "the mean, or use grad_sample_mode='hooks'."
+)
 
 
 @dataclass(frozen=True)
@@ -240,7 +245,9 @@ class DPSGDEngine:
 
         Raises:
             ValueError: Naming every module that modifies a hooked layer's output in place, the
-                op, and what to change (grouped by module type and op).
+                op, and what to change (grouped by module type and op); or, with
+                ``grad_sample_mode="ghost"``, when the step returns a scalar loss (ghost clipping
+                needs the per-sample losses).
 
         Warns:
             RuntimeWarning: If the rehearsal fails for another reason (the copy cannot be made,
@@ -258,11 +265,21 @@ class DPSGDEngine:
             >>> engine.rehearse(net, lambda copy: copy(torch.rand(2, 3)).sum()), net[1].inplace
             (['1'], False)
         """
-        writes = self._rehearsal(module, step)
+        shapes: list[tuple[int, ...]] = []
+
+        def recorded(copy: nn.Module) -> Any:
+            loss = step(copy)
+            if isinstance(loss, Tensor):
+                shapes.append(tuple(loss.shape))
+            return loss
+
+        writes = self._rehearsal(module, recorded)
+        if self.grad_sample_mode == "ghost" and () in shapes:
+            raise ValueError(_GHOST_NEEDS_PER_SAMPLE)
         fixed: list[str] = []
         if self.fix_model and any(w.fixable for w in writes):
             fixed = turn_off_inplace(module, [w.name for w in writes if w.fixable])
-            writes = self._rehearsal(module, step)
+            writes = self._rehearsal(module, recorded)
         if writes:
             raise ValueError(inplace_report(writes, fix_model=self.fix_model, fixed=fixed))
         return fixed
@@ -416,11 +433,7 @@ class DPSGDEngine:
         """
         ghost = self.grad_sample_mode == "ghost"
         if loss.ndim == 0 and ghost:
-            raise ValueError(
-                "DPSGD(grad_sample_mode='ghost') needs per-sample losses: return "
-                "F.cross_entropy(logits, y, reduction='none') (shape [batch]) from "
-                "training_step instead of the mean."
-            )
+            raise ValueError(_GHOST_NEEDS_PER_SAMPLE)
         if loss.ndim > 1:
             raise ValueError(
                 "Expected training_step to return a scalar loss or per-sample losses of shape "

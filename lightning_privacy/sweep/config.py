@@ -116,6 +116,7 @@ _SECTIONS: dict[str, dict[str, Any]] = {
     },
 }
 _TOP_LEVEL = ("name", "defenses", "backend", "workers", *_SECTIONS)
+T = TypeVar("T")
 #: Keys of a ``defenses:`` entry that are not the component's arguments.
 _ENTRY_KEYS = ("name", "strengths", "param", "overrides")
 #: The seed the defenses are built with during validation (``training.seed`` is checked apart).
@@ -125,15 +126,21 @@ OVERRIDABLE_SECTIONS = ("data", "model", "training")
 
 
 class SweepConfigError(ValueError):
-    """A sweep configuration problem, naming the file, line and key.
+    """A sweep configuration problem, naming the file, line and key -- or all of a file's.
 
     Attributes:
-        key: Dotted path of the offending key, e.g. ``defenses[1].strengths[0]``.
+        key: Dotted path of the offending key, e.g. ``defenses[1].strengths[0]`` (the first
+            problem's when there are several).
         line: 1-based line in the file, when known.
+        errors: Every problem, each a ``SweepConfigError`` of its own (``(self,)`` for one).
 
     Example:
         >>> str(SweepConfigError("Bad.", key="workers", line=3, source="s.yaml"))
         's.yaml, line 3, key `workers`: Bad.'
+        >>> both = SweepConfigError.combine([SweepConfigError("A.", key="a"),
+        ...                                  SweepConfigError("B.", key="b")])
+        >>> both.key, len(both.errors), str(both).splitlines()[1]
+        ('a', 2, '<string>, key `b`: B.')
     """
 
     def __init__(
@@ -148,6 +155,40 @@ class SweepConfigError(ValueError):
         where += f", key `{key}`" if key else ""
         super().__init__(f"{where}: {message}")
         self.key, self.line, self.source = key, line, source
+        self.errors: tuple[SweepConfigError, ...] = (self,)
+
+    @classmethod
+    def combine(cls, errors: list[SweepConfigError]) -> SweepConfigError:
+        """One error reporting every problem of ``errors`` (one line each), in order."""
+        items = [item for error in errors for item in error.errors]
+        items.sort(key=lambda e: (e.line is None, e.line or 0))  # in file order
+        if len(items) == 1:
+            return items[0]
+        combined = cls.__new__(cls)
+        ValueError.__init__(combined, "\n".join(str(item) for item in items))
+        combined.key, combined.line, combined.source = items[0].key, items[0].line, items[0].source
+        combined.errors = tuple(items)
+        return combined
+
+
+class _Errors:
+    """Collects the problems of independent checks, so that a file reports all of them."""
+
+    def __init__(self) -> None:
+        self.items: list[SweepConfigError] = []
+
+    def run(self, check: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        """``check(*args, **kwargs)``, or ``None`` with its problem recorded."""
+        try:
+            return check(*args, **kwargs)
+        except SweepConfigError as err:
+            self.items.extend(err.errors)
+            return None
+
+    def raise_any(self) -> None:
+        """Raise every problem recorded, as one :class:`SweepConfigError`."""
+        if self.items:
+            raise SweepConfigError.combine(self.items)
 
 
 def format_overrides(overrides: Mapping[str, Mapping[str, Any]]) -> str:
@@ -250,6 +291,8 @@ class DefenseGrid:
     strengths: tuple[float | None, ...]
     options: Mapping[str, Any]
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: The entry's position in the file's ``defenses:`` (``-1``: its position in the grid).
+    index: int = field(default=-1, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -271,17 +314,31 @@ class SweepConfig:
     def trials(self) -> list[TrialSpec]:
         """The grid, in file order, without duplicates."""
         seen: dict[str, TrialSpec] = {}
-        for grid in self.defenses:
+        for _, _, spec in self.trial_entries():
+            seen.setdefault(spec.trial_id, spec)
+        return list(seen.values())
+
+    def trial_entries(self) -> list[tuple[int, int, TrialSpec]]:
+        """``(entry index in defenses:, strength index, trial)`` for every point of the grid.
+
+        Example:
+            >>> config = parse_sweep_config("defenses: [{name: low_rank, strengths: [1, 2]}]")
+            >>> [(i, j, t.label) for i, j, t in config.trial_entries()]
+            [(0, 0, 'low_rank=1'), (0, 1, 'low_rank=2')]
+        """
+        entries = []
+        for position, grid in enumerate(self.defenses):
+            i = grid.index if grid.index >= 0 else position
             settings = {
                 k: (dict(v) if isinstance(v, Mapping) else v) for k, v in self.settings.items()
             }
             for section, values in grid.overrides.items():
                 settings[section] = {**settings[section], **values}
             overrides = {k: dict(v) for k, v in grid.overrides.items()}
-            for strength in grid.strengths:
+            for j, strength in enumerate(grid.strengths):
                 spec = TrialSpec(grid.name, strength, dict(grid.options), settings, overrides)
-                seen.setdefault(spec.trial_id, spec)
-        return list(seen.values())
+                entries.append((i, j, spec))
+        return entries
 
 
 class _Located:
@@ -369,8 +426,6 @@ def _check_number(
 #: An argument named in a component's message (``Expected `std` to be ...``).
 _ARGUMENT = re.compile(r"`([A-Za-z_]\w*)`")
 
-T = TypeVar("T")
-
 
 def _build(
     doc: _Located, build: Callable[[], T], *, what: str, keys: Mapping[str, str], fallback: str
@@ -438,15 +493,33 @@ def _check_strengths(doc: _Located, entry: dict[str, Any], name: str, base: str)
 def _check_defense_options(
     doc: _Located, name: str, strengths: tuple[Any, ...], options: dict[str, Any], base: str
 ) -> None:
-    """Build the entry's component at every strength, so its own checks run before training."""
+    """Build the entry's component at every strength, so its own checks run before training.
+
+    A component stops at its first bad argument; it is built again without that option until
+    it builds, so every bad option of the entry is reported.
+    """
     allowed = defense_options(name)
+    errors = _Errors()
     if allowed is not None:
-        _check_option_names(doc, name, options, allowed, base)
+        errors.run(_check_option_names, doc, name, options, allowed, base)
+    remaining = {k: v for k, v in options.items() if allowed is None or k in allowed}
     keys = {option: f"{base}.{option}" for option in options}
     for i, strength in enumerate(strengths):
-        build = partial(defense_callback, name, strength, options, seed=_VALIDATION_SEED)
         located = {**keys, str(strength_parameter(name)): f"{base}.strengths[{i}]"}
-        _build(doc, build, what=name, keys=located, fallback=base)
+        for _ in range(len(options) + 1):
+            build = partial(
+                defense_callback, name, strength, dict(remaining), seed=_VALIDATION_SEED
+            )
+            try:
+                _build(doc, build, what=name, keys=located, fallback=base)
+                break
+            except SweepConfigError as err:
+                errors.items.append(err)
+                option = next((o for o, k in keys.items() if k == err.key and o in remaining), None)
+                if option is None:
+                    break
+                del remaining[option]  # look for the entry's next problem without this option
+    errors.raise_any()
 
 
 def _check_option_names(
@@ -454,38 +527,59 @@ def _check_option_names(
 ) -> None:
     """Unknown option keys, with the closest allowed one; the strength goes in ``strengths``."""
     strength = str(strength_parameter(name))
+    errors = _Errors()
     for key in options:
-        if key in allowed:
-            continue
-        listed = ", ".join(repr(a) for a in allowed) or "none"
-        hint = _suggestion(key, allowed)
-        if key == strength or (not hint and _suggestion(key, (strength,))):
-            hint = (
-                f" Values of `{strength}` (the defense's strength) go in `strengths:`, "
-                "e.g. `strengths: [0.1]`."
-            )
-        raise doc.error(
-            f"{base}.{key}",
-            f"Unknown key {key!r} for the defense {name!r}.{hint} Allowed besides "
-            f"`name`, `strengths` and `overrides`: {listed}.",
+        if key not in allowed:
+            errors.run(_unknown_option, doc, name, key, allowed, strength, base)
+    errors.raise_any()
+
+
+def _unknown_option(
+    doc: _Located, name: str, key: str, allowed: tuple[str, ...], strength: str, base: str
+) -> None:
+    """Raise for one unknown key of a ``defenses:`` entry."""
+    listed = ", ".join(repr(a) for a in allowed) or "none"
+    hint = _suggestion(key, allowed)
+    if key == strength or (not hint and _suggestion(key, (strength,))):
+        hint = (
+            f" Values of `{strength}` (the defense's strength) go in `strengths:`, "
+            "e.g. `strengths: [0.1]`."
         )
+    raise doc.error(
+        f"{base}.{key}",
+        f"Unknown key {key!r} for the defense {name!r}.{hint} Allowed besides "
+        f"`name`, `strengths` and `overrides`: {listed}.",
+    )
 
 
 def _check_defense(doc: _Located, entry: Any, index: int) -> DefenseGrid:
+    """One ``defenses:`` entry; every problem of its overrides, strengths and options."""
     base = f"defenses[{index}]"
     entry = _check_mapping(doc, entry, base)
     name = _check_defense_name(doc, entry, base)
     options = {k: v for k, v in entry.items() if k not in _ENTRY_KEYS}
-    overrides = _check_overrides(doc, entry.get("overrides", {}), f"{base}.overrides")
+    errors = _Errors()
+    overrides = errors.run(_check_overrides, doc, entry.get("overrides", {}), f"{base}.overrides")
     if name == "none":
         if "strengths" in entry:
-            raise doc.error(f"{base}.strengths", "The defense 'none' takes no strengths.")
-        if options:
-            raise doc.error(f"{base}.{next(iter(options))}", "The defense 'none' takes no options.")
-        return DefenseGrid(name, (None,), {}, overrides)
-    strengths = _check_strengths(doc, entry, name, base)
-    _check_defense_options(doc, name, strengths, options, base)
-    return DefenseGrid(name, strengths, options, overrides)
+            errors.run(
+                _fail, doc.error(f"{base}.strengths", "The defense 'none' takes no strengths.")
+            )
+        for option in options:
+            errors.run(_fail, doc.error(f"{base}.{option}", "The defense 'none' takes no options."))
+        errors.raise_any()
+        return DefenseGrid(name, (None,), {}, overrides or {}, index)
+    strengths = errors.run(_check_strengths, doc, entry, name, base)
+    if strengths is not None:
+        errors.run(_check_defense_options, doc, name, strengths, options, base)
+    errors.raise_any()
+    assert strengths is not None and overrides is not None  # no problem was found
+    return DefenseGrid(name, strengths, options, overrides, index)
+
+
+def _fail(error: SweepConfigError) -> None:
+    """Raise ``error`` (for :meth:`_Errors.run`)."""
+    raise error
 
 
 def _check_overrides(doc: _Located, raw: Any, base: str) -> dict[str, dict[str, Any]]:
@@ -536,31 +630,36 @@ def _check_core_values(doc: _Located, sections: Mapping[str, Any], prefix: str) 
     ``prefix`` locates them in the file (``""`` for the shared sections,
     ``defenses[i].overrides.`` for an entry's overrides).
     """
+    errors = _Errors()
     for section in OVERRIDABLE_SECTIONS:
         for name, value in (sections.get(section) or {}).items():
-            key = f"{section}.{name}"
-            if key in _CHOICES and value not in _CHOICES[key]:
-                allowed = ", ".join(repr(c) for c in _CHOICES[key])
-                raise doc.error(
-                    prefix + key,
-                    f"Expected `{key}` to be one of {allowed}, but got {describe(value)}.",
-                )
-            if key == "data.val_fraction":
-                try:
-                    check_float(name, value, low=0.0, high=1.0, low_open=True, high_open=True)
-                except (TypeError, ValueError) as err:
-                    raise doc.error(prefix + key, str(err)) from None
-            if key in _NUMBERS:
-                integer, positive, optional = _NUMBERS[key]
-                _check_number(
-                    doc,
-                    prefix + key,
-                    value,
-                    name=name,
-                    integer=integer,
-                    positive=positive,
-                    optional=optional,
-                )
+            errors.run(_check_core_value, doc, f"{section}.{name}", name, value, prefix)
+    errors.raise_any()
+
+
+def _check_core_value(doc: _Located, key: str, name: str, value: Any, prefix: str) -> None:
+    """One ``data``/``model``/``training`` value (``key`` is ``section.name``)."""
+    if key in _CHOICES and value not in _CHOICES[key]:
+        allowed = ", ".join(repr(c) for c in _CHOICES[key])
+        raise doc.error(
+            prefix + key, f"Expected `{key}` to be one of {allowed}, but got {describe(value)}."
+        )
+    if key == "data.val_fraction":
+        try:
+            check_float(name, value, low=0.0, high=1.0, low_open=True, high_open=True)
+        except (TypeError, ValueError) as err:
+            raise doc.error(prefix + key, str(err)) from None
+    if key in _NUMBERS:
+        integer, positive, optional = _NUMBERS[key]
+        _check_number(
+            doc,
+            prefix + key,
+            value,
+            name=name,
+            integer=integer,
+            positive=positive,
+            optional=optional,
+        )
 
 
 def _allowed_keys(section: str) -> tuple[str, ...]:
@@ -569,26 +668,56 @@ def _allowed_keys(section: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*_SECTIONS[section], *(derived() if derived else ())]))
 
 
-def _check_settings(doc: _Located, data: dict[str, Any]) -> dict[str, Any]:
+def _check_section(doc: _Located, data: dict[str, Any], section: str) -> dict[str, Any] | None:
+    """One shared section with its defaults applied (``None``: ``audit``/``leakage`` off)."""
+    raw = data.get(section, {})
+    if raw is None and section in ("audit", "leakage"):
+        return None
+    raw = _check_mapping(doc, raw if raw is not None else {}, section)
+    errors = _Errors()
+    for key in raw:
+        errors.run(_unknown_keys, doc, {key: None}, _allowed_keys(section), f"{section}.")
+    errors.raise_any()
+    return {**_SECTIONS[section], **raw}
+
+
+def _check_settings(doc: _Located, data: dict[str, Any], errors: _Errors) -> dict[str, Any]:
+    """The shared sections, every problem recorded in ``errors``; a bad value is its default."""
+    first = len(errors.items)
     settings: dict[str, Any] = {}
     for section, defaults in _SECTIONS.items():
-        raw = data.get(section, {})
-        if raw is None and section in ("audit", "leakage"):
-            settings[section] = None
-            continue
-        raw = _check_mapping(doc, raw if raw is not None else {}, section)
-        _unknown_keys(doc, raw, _allowed_keys(section), f"{section}.")
-        settings[section] = {**defaults, **raw}
-    _check_core_values(doc, settings, "")
+        checked = errors.run(_check_section, doc, data, section)
+        if checked is not None or data.get(section, {}) is None:
+            settings[section] = checked
+        else:  # a broken section: its defaults, so the other sections are still checked
+            settings[section] = dict(defaults)
+    errors.run(_check_core_values, doc, settings, "")
     seed = settings["training"]["seed"]
+    seed = seed if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 else 0
     if settings["audit"] is not None:
-        _check_audit(doc, settings["audit"], seed)
+        errors.run(_check_audit, doc, settings["audit"], seed)
     if settings["leakage"] is not None:
         leakage = settings["leakage"]
         build = partial(leakage_callback, leakage, seed=seed)
         keys = {name: f"leakage.{name}" for name in leakage}
-        _build(doc, build, what="LeakageMonitor", keys=keys, fallback="leakage")
-    return settings
+        errors.run(_build, doc, build, what="LeakageMonitor", keys=keys, fallback="leakage")
+    return _with_defaults(settings, [e.key for e in errors.items[first:]])
+
+
+def _with_defaults(settings: dict[str, Any], keys: list[str | None]) -> dict[str, Any]:
+    """``settings`` with the values at ``keys`` (``section.name``) put back to their defaults."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in settings.items()}
+    for key in keys:
+        section, _, name = (key or "").partition(".")
+        name = name.split(".")[0]
+        if section in ("audit", "leakage") and not name:
+            out[section] = None  # a section-level problem: the trials run without it
+        elif isinstance(out.get(section), dict) and name in out[section]:
+            if name in _SECTIONS[section]:
+                out[section][name] = _SECTIONS[section][name]
+            else:
+                del out[section][name]
+    return out
 
 
 def _check_audit(doc: _Located, audit: dict[str, Any], seed: int) -> None:
@@ -596,7 +725,8 @@ def _check_audit(doc: _Located, audit: dict[str, Any], seed: int) -> None:
     attack, options = audit["attack"], _check_mapping(doc, audit["options"], "audit.options")
     _build(doc, partial(ATTACKS.get, attack), what="audit", keys={}, fallback="audit.attack")
     build_attack = partial(create_attack, attack, **options)
-    _build(doc, build_attack, what=str(attack), keys={}, fallback="audit.options")
+    option_keys = {option: f"audit.options.{option}" for option in options}
+    _build(doc, build_attack, what=str(attack), keys=option_keys, fallback="audit.options")
     build = partial(audit_callback, audit, seed=seed)
     keys = {name: f"audit.{name}" for name in audit if name not in ATTACK_KEYS}
     _build(doc, build, what="InversionAudit", keys=keys, fallback="audit")
@@ -650,7 +780,7 @@ def check_backend(
 def parse_sweep_config(
     text: str, *, source: str = "<string>", backend: str | None = None
 ) -> SweepConfig:
-    """Validate a sweep configuration given as YAML text.
+    r"""Validate a sweep configuration given as YAML text.
 
     Args:
         text: The YAML document.
@@ -658,27 +788,39 @@ def parse_sweep_config(
         backend: Overrides the file's ``backend`` (the command line's ``--backend``).
 
     Raises:
-        SweepConfigError: On the first problem, naming the line and key.
+        SweepConfigError: Reporting every problem of the file (``errors``), each naming its line
+            and key.
 
     Example:
-        >>> text = "defenses: [{name: dpsgd, strengths: [1.0], accountant: foo}]"
+        >>> text = "defenses: [{name: dpsgd, strengths: [1.0], accountant: foo}]\nworkers: 0"
         >>> try:
         ...     parse_sweep_config(text, source="s.yaml")
         ... except SweepConfigError as err:
-        ...     print(err.key, err.line)
-        defenses[0].accountant 1
+        ...     print([(e.key, e.line) for e in err.errors])
+        [('defenses[0].accountant', 1), ('workers', 2)]
     """
-    doc = _Located(text, source)
-    data = doc.data
-    if not isinstance(data, dict):
-        raise SweepConfigError("Expected a mapping at the top level.", line=1, source=source)
-    _unknown_keys(doc, data, _TOP_LEVEL, "")
+    _, config, errors, _ = parse_located(text, source=source, backend=backend)
+    if config is None:
+        raise SweepConfigError.combine(errors)
+    return config
+
+
+def _check_grids(doc: _Located, data: dict[str, Any], errors: _Errors) -> tuple[DefenseGrid, ...]:
+    """The valid ``defenses:`` entries; every problem of every entry recorded in ``errors``."""
+    try:
+        return _grids(doc, data, errors)
+    except SweepConfigError as err:
+        errors.items.extend(err.errors)
+        return ()
+
+
+def _grids(doc: _Located, data: dict[str, Any], errors: _Errors) -> tuple[DefenseGrid, ...]:
     if "defenses" not in data:
         raise SweepConfigError(
             "Missing required key `defenses`: a list of entries such as "
             "`- {name: gaussian_noise, strengths: [0.01, 0.1]}`.",
             key="defenses",
-            source=source,
+            source=doc.source,
         )
     raw_defenses = data["defenses"]
     if not isinstance(raw_defenses, list) or not raw_defenses:
@@ -686,17 +828,50 @@ def parse_sweep_config(
             "defenses",
             f"Expected `defenses` to be a non-empty list, but got {describe(raw_defenses)}.",
         )
-    grids = tuple(_check_defense(doc, e, i) for i, e in enumerate(raw_defenses))
-    settings = _check_settings(doc, data)
-    workers = _check_number(
-        doc, "workers", data.get("workers", 1), name="workers", integer=True, positive=True
+    grids = [errors.run(_check_defense, doc, e, i) for i, e in enumerate(raw_defenses)]
+    return tuple(g for g in grids if g is not None)
+
+
+def parse_located(
+    text: str, *, source: str = "<string>", backend: str | None = None
+) -> tuple[_Located, SweepConfig | None, list[SweepConfigError], SweepConfig]:
+    """Validate YAML text and keep the located document (for checks that build the trials).
+
+    Returns:
+        The document (keys and their lines), the configuration (``None`` if anything is wrong),
+        every problem found, and the part of the file that is valid (the valid entries, bad
+        settings at their defaults) so that its trials can still be checked.
+
+    Raises:
+        SweepConfigError: If the text is not YAML or not a mapping (nothing else can be checked).
+    """
+    doc = _Located(text, source)
+    data = doc.data
+    if not isinstance(data, dict):
+        raise SweepConfigError("Expected a mapping at the top level.", line=1, source=source)
+    errors = _Errors()
+    for key in data:
+        errors.run(_unknown_keys, doc, {key: None}, _TOP_LEVEL, "")
+    grids = _check_grids(doc, data, errors)
+    settings = _check_settings(doc, data, errors)
+    workers = errors.run(
+        _check_number,
+        doc,
+        "workers",
+        data.get("workers", 1),
+        name="workers",
+        integer=True,
+        positive=True,
     )
-    name = str(data.get("name", "sweep"))
     if backend is None:
-        chosen = check_backend(data.get("backend", "local"), doc=doc)
+        chosen = errors.run(check_backend, data.get("backend", "local"), doc=doc)
     else:
-        chosen = check_backend(backend, key="--backend", source="<command line>")
-    return SweepConfig(grids, settings, chosen, workers, name)
+        chosen = errors.run(check_backend, backend, key="--backend", source="<command line>")
+    name = str(data.get("name", "sweep"))
+    valid = SweepConfig(grids, settings, str(chosen or "local"), int(workers or 1), name)
+    if errors.items:
+        return doc, None, errors.items, valid
+    return doc, valid, [], valid
 
 
 def load_sweep_config(path: str | Path, *, backend: str | None = None) -> SweepConfig:

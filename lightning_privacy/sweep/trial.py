@@ -53,6 +53,7 @@ __all__ = [
     "RESULT_FILE",
     "build_callbacks",
     "build_transforms",
+    "dry_run_trial",
     "load_finished",
     "log_event",
     "quiet_lightning",
@@ -364,6 +365,64 @@ def run_trial(
     write_result(root, result)
     log_event(root, f"finish {spec.trial_id}")
     return result.to_dict()
+
+
+def dry_run_trial(spec: TrialSpec) -> None:
+    r"""Build a trial and run its Trainer's checks before the first step, training nothing.
+
+    The model, data module and callbacks are built from ``spec`` and fitted with
+    ``limit_train_batches=0`` in a temporary directory: the callbacks' ``setup`` and
+    ``on_fit_start`` checks run (held-out batch, adapter probe, DP-SGD's layer check and
+    rehearsal, the I²F estimator's defense and time checks), no optimizer step is taken and
+    nothing is written under the sweep's directory. The global random state is restored.
+
+    Raises:
+        Exception: The first problem found, as the component raised it.
+
+    Example:
+        >>> from lightning_privacy.sweep.config import parse_sweep_config
+        >>> text = "defenses: [{name: none}]\nmodel: {init: unifrom}"
+        >>> spec = parse_sweep_config(text).trials()[0]
+        >>> try:
+        ...     dry_run_trial(spec)
+        ... except ValueError as err:
+        ...     print(str(err)[:28])
+        Expected `init` to be one of
+    """
+    import tempfile
+
+    import lightning as L
+
+    state = torch.random.get_rng_state()
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module, datamodule = _build_model_and_data(spec.settings)
+            callbacks = build_callbacks(spec)
+            with tempfile.TemporaryDirectory() as root:
+                trainer = L.Trainer(
+                    max_epochs=1,
+                    limit_train_batches=0,
+                    limit_val_batches=0,
+                    num_sanity_val_steps=0,
+                    callbacks=callbacks,
+                    logger=False,
+                    accelerator="cpu",
+                    devices=1,
+                    enable_checkpointing=False,
+                    enable_progress_bar=False,
+                    enable_model_summary=False,
+                    default_root_dir=root,
+                )
+                trainer.fit(module, datamodule)
+    finally:
+        torch.random.set_rng_state(state)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _epoch_progress(report: Callable[[int, int], None]) -> Any:

@@ -139,14 +139,17 @@ def test_duplicates_are_run_once():
 
 
 @pytest.mark.parametrize(
-    ("options", "expected"),
-    [("{max_iterations: -5}", "max_iterations"), ("{nonsense: 1}", "Invalid options")],
+    ("options", "option", "expected"),
+    [
+        ("{max_iterations: -5}", "max_iterations", "`max_iterations`"),
+        ("{nonsense: 1}", "nonsense", "Unknown argument `nonsense` for the attack"),
+    ],
 )
-def test_bad_attack_options_are_caught_up_front(options, expected):
+def test_bad_attack_options_are_caught_up_front(options, option, expected):
     text = f"defenses: [{{name: none}}]\naudit:\n  attack: deep_leakage\n  options: {options}\n"
     with pytest.raises(SweepConfigError) as info:
         parse_sweep_config(text)
-    assert info.value.key == "audit.options" and info.value.line == 4
+    assert info.value.key == f"audit.options.{option}" and info.value.line == 4
     assert expected in str(info.value)
 
 
@@ -356,7 +359,7 @@ def test_transform_option_error_names_the_option():
         ("audit:\n  attack: dlg\n", "audit.attack", 3, ["Unknown attack 'dlg'"]),
         (
             "audit:\n  attack: deep_leakage\n  options: {max_iterations: 0}\n",
-            "audit.options",
+            "audit.options.max_iterations",
             4,
             ["`max_iterations`"],
         ),
