@@ -52,6 +52,9 @@ class InvertingGradients(Attack):
         patience: Early stopping on a plateau of the objective (``None``: never, the paper): the
             learning rate drops to its next stage after ``patience`` steps without a 0.1 %
             improvement, and such a plateau in the last stage ends the trial.
+        bn_weight: Weight of the BatchNorm-statistics prior (GradInversion; ``0``: none). It pulls
+            the dummy batch's per-layer statistics to the model's BatchNorm buffers, which the
+            attacker sets to what it knows (the client's batch statistics in train mode).
         max_seconds: Wall-time bound for the whole attack, or ``None``.
 
     Example:
@@ -75,6 +78,7 @@ class InvertingGradients(Attack):
     decay: bool = True
     method: str = "auto"
     patience: int | None = None
+    bn_weight: float = 0.0
     max_seconds: float | None = None
     function = staticmethod(inverting_gradients)
 
@@ -118,6 +122,7 @@ class InvertingGradients(Attack):
         check_choice("method", self.method, METHODS)
         if self.patience is not None:
             check_int("patience", self.patience, low=1)
+        check_float("bn_weight", self.bn_weight, low=0.0)
         if self.max_seconds is not None:
             check_float("max_seconds", self.max_seconds, low=0.0, low_open=True)
         _check_box(self.box)

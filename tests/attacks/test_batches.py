@@ -1,5 +1,7 @@
 """Attacks on batches: the label rules, worst-image PSNR, an audit of 8 examples."""
 
+import copy
+
 import lightning as L
 import numpy as np
 import pytest
@@ -79,3 +81,68 @@ def test_audit_of_eight_examples_logs_batch_metrics_and_a_matched_grid(
     cost = np.array([[((t - b) ** 2).sum() for b in cells[1]] for t in cells[0]])
     rows, cols = linear_sum_assignment(cost)
     assert cost[rows, cols].sum() == pytest.approx(np.trace(cost), abs=1e-3)  # already matched
+
+
+def _bn_victim(size=8):
+    """A train-mode BN convnet, a digit batch, its gradient, and the attacker's copy holding the
+    batch's BatchNorm statistics in its buffers (``bn_stats_known``)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(512, 10),
+    ).train()
+    x, y = digits(size)
+    grads = observed_gradients_of(model, x, y)
+    attacker = copy.deepcopy(model)
+    norms = [m for m in attacker.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    stats = {}
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: stats.__setitem__(m, i[0].detach())) for m in norms
+    ]
+    with torch.no_grad():
+        attacker(x)  # train mode: the batch's statistics; the buffers are overwritten below
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        for m in norms:
+            m.running_mean.copy_(stats[m].mean([0, 2, 3]))
+            m.running_var.copy_(stats[m].var([0, 2, 3], unbiased=False))
+    return attacker, x, y, grads
+
+
+def test_bn_prior_with_known_batch_statistics_reconstructs_a_train_mode_batch():
+    attacker, x, y, grads = _bn_victim()
+    buffers = {k: v.clone() for k, v in attacker.state_dict().items()}
+    scores = {}
+    for weight in (0.0, 0.1):
+        rec = InvertingGradients.fast(max_iterations=150, bn_weight=weight, tv_weight=0.05)
+        rec = rec.reconstruct(
+            attacker,
+            grads,
+            input_shape=(1, 8, 8),
+            num_samples=8,
+            generator=torch.Generator().manual_seed(0),
+        )
+        scores[weight] = reconstruction_metrics(rec, (x, y))
+        assert rec.metadata["bn_mode"] == "train" and rec.metadata["method"] == "double_backward"
+        assert rec.metadata["bn_stats_known"] is (weight > 0)
+    assert scores[0.1]["psnr_worst"] > scores[0.0]["psnr"] + 5  # every image, by a wide margin
+    for key, value in attacker.state_dict().items():  # the model is read, never written
+        assert torch.equal(value, buffers[key]), key
+    assert all(not m._forward_hooks for m in attacker.modules())
+
+
+def test_bn_prior_needs_the_double_backward_path():
+    attacker, _, _, grads = _bn_victim(2)
+    with pytest.raises(ValueError, match="forward_mode"):
+        InvertingGradients(max_iterations=1, bn_weight=0.1, method="forward_mode").reconstruct(
+            attacker, grads, input_shape=(1, 8, 8), num_samples=2
+        )
+    with pytest.raises(ValueError, match="bn_weight"):
+        InvertingGradients(bn_weight=-1.0)

@@ -30,8 +30,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,14 +61,80 @@ METHODS = ("auto", "forward_mode", "double_backward")
 PLATEAU_TOLERANCE = 1e-3  # relative improvement of the best objective that is not a plateau
 
 
+class BatchNormPrior:
+    """GradInversion's BatchNorm-statistics prior (Yin et al., CVPR 2021; DeepInversion).
+
+    ``weight * sum_l (||mean_l(x') - mu_l||_2 + ||var_l(x') - sigma2_l||_2)`` over the model's
+    BatchNorm layers, where ``mean_l``/``var_l`` are the per-channel statistics of the layer's
+    input on the dummy batch and ``mu_l``/``sigma2_l`` the layer's ``running_mean`` and
+    ``running_var`` when the prior is built: the statistics the attacker knows. With BatchNorm in
+    train mode, put the client's batch statistics there (``bn_stats_known``); in eval mode they
+    are the population statistics the model already holds.
+
+    The statistics are read by forward hooks while :meth:`watching`; the hooks are removed on
+    exit and nothing of the model changes.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)).train()
+        >>> prior = BatchNormPrior(net, weight=1.0)
+        >>> with prior.watching():
+        ...     _ = net(torch.randn(4, 1, 5, 5))
+        >>> float(prior.pop()) > 0, len(net[1]._forward_hooks)
+        (True, 0)
+    """
+
+    def __init__(self, model: nn.Module, weight: float) -> None:
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.weight = weight
+        self.known = {
+            id(m): (m.running_mean.detach().clone(), m.running_var.detach().clone())
+            for m in norms
+            if m.running_mean is not None and m.running_var is not None
+        }
+        self.norms = [m for m in norms if id(m) in self.known]
+        self.terms: list[Tensor] = []
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        """Collect the prior's terms of every forward pass inside the block."""
+        handles = [m.register_forward_hook(self._hook) for m in self.norms]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        x = inputs[0]
+        dims = [0, *range(2, x.dim())]
+        mean, var = self.known[id(module)]
+        self.terms.append(
+            torch.linalg.vector_norm(x.mean(dims) - mean)
+            + torch.linalg.vector_norm(x.var(dims, unbiased=False) - var)
+        )
+
+    def pop(self) -> Tensor:
+        """The weighted sum of the terms collected so far (then forgotten)."""
+        total = self.weight * torch.stack(self.terms).sum() if self.terms else torch.zeros(())
+        self.terms = []
+        return total
+
+
 def _cosine_and_input_grad(
-    matcher: GradientMatcher, x: Tensor, labels: Tensor, method: str
+    matcher: GradientMatcher,
+    x: Tensor,
+    labels: Tensor,
+    method: str,
+    prior: BatchNormPrior | None = None,
 ) -> tuple[float, Tensor]:
-    """``(1 - cos(g(x), g*), d/dx of it)``."""
+    """``(1 - cos(g(x), g*) [+ the BN prior], d/dx of it)``."""
     if method == "double_backward":
         leaf = x.detach().requires_grad_(True)
-        with torch.enable_grad():
+        watching = prior.watching() if prior is not None else contextlib.nullcontext()
+        with torch.enable_grad(), watching:
             objective = matcher.cosine(leaf, labels)
+            if prior is not None:
+                objective = objective + prior.pop()
             (grad,) = torch.autograd.grad(objective, leaf)
         return float(objective.detach()), grad
     names = list(matcher.target)
@@ -110,6 +177,7 @@ def inverting_gradients(
     decay: bool = True,
     method: str = "auto",
     patience: int | None = None,
+    bn_weight: float = 0.0,
     max_seconds: float | None = None,
     generator: Generator | None = None,
     callback: Callable[[int, float, Tensor], None] | None = None,
@@ -136,6 +204,9 @@ def inverting_gradients(
         patience: Early stopping on a plateau (paper: ``None``, never): when the best objective
             has improved by less than 0.1 % over ``patience`` steps, the learning rate drops to
             its next stage at once, and a plateau in the last stage ends the trial.
+        bn_weight: Weight of the BatchNorm-statistics prior (:class:`BatchNormPrior`, needs
+            ``method`` ``"double_backward"`` or ``"auto"``); ``0`` (paper): none. The
+            statistics in the model's BatchNorm buffers are taken as known.
         max_seconds: Stop (keeping the best iterate) after this wall time, or ``None``.
         generator: Source of the random starts.
         callback: Called after every step as ``callback(step, objective, inputs)`` with the
@@ -157,21 +228,18 @@ def inverting_gradients(
     shape = (num_samples, *input_shape)
     matcher = GradientMatcher(model, gradients, loss_fn=loss_fn)
     used = given_or_restored_labels(model, matcher.target, num_samples, labels)
-    if method == "auto":
-        method = "double_backward" if bn_mode(model) == "train" else "forward_mode"
+    method, prior = _method_and_prior(model, method, bn_weight)
     milestones = [round(max_iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)] if decay else []
     clock = Stopwatch(max_seconds)
-    settings: dict[str, Any] = dict(tv_weight=tv_weight, lr=lr, box=box)
+    settings: dict[str, Any] = dict(tv_weight=tv_weight, lr=lr, box=box, signed=signed)
+    settings.update(patience=patience, callback=callback, prior=prior)
     descent = _SignedAdam(
         matcher,
         used,
-        method=method,
+        method,
         milestones=milestones,
         max_iterations=max_iterations,
-        signed=signed,
         clock=clock,
-        patience=patience,
-        callback=callback,
         **settings,
     )
     kept, trial_objectives, iterations = best_of_restarts(
@@ -190,7 +258,24 @@ def inverting_gradients(
         iterations=iterations,
         method=method,
         seconds=clock.seconds(),
+        **({} if prior is None else {"bn_prior": bn_weight, "bn_stats_known": True}),
     )
+
+
+def _method_and_prior(
+    model: nn.Module, method: str, bn_weight: float
+) -> tuple[str, BatchNormPrior | None]:
+    """How ``J^T v`` is computed (``"auto"`` resolved) and the BN prior, if any."""
+    if bn_weight > 0:
+        if method == "forward_mode":
+            raise ValueError(
+                "Expected method='double_backward' or 'auto' with the BatchNorm prior "
+                f"(bn_weight={bn_weight}), but got method='forward_mode'."
+            )
+        return "double_backward", BatchNormPrior(model, bn_weight)
+    if method == "auto":
+        method = "double_backward" if bn_mode(model) == "train" else "forward_mode"
+    return method, None
 
 
 @dataclass(frozen=True)
@@ -209,10 +294,11 @@ class _SignedAdam:
     clock: Stopwatch
     patience: int | None = None
     callback: Callable[[int, float, Tensor], None] | None = None
+    prior: BatchNormPrior | None = None
 
     def objective(self, x: Tensor) -> tuple[float, Tensor]:
-        """``1 - cos(g(x), g*) + tv_weight * TV(x)`` and its input gradient."""
-        value, grad = _cosine_and_input_grad(self.matcher, x, self.labels, self.method)
+        """``1 - cos(g(x), g*) + tv_weight * TV(x) [+ BN prior]`` and its input gradient."""
+        value, grad = _cosine_and_input_grad(self.matcher, x, self.labels, self.method, self.prior)
         if self.tv_weight > 0:
             with torch.enable_grad():
                 leaf = x.detach().requires_grad_(True)
