@@ -11,11 +11,15 @@
   batch, gradient, seed and iteration budget, both order-matched to the truth (Hungarian on
   pairwise MSE) and scored by the same ``reconstruction_metrics``: PSNR mean and worst image,
   labels right (multiset), seconds.
+* Train-mode BatchNorm (a small BN convnet), the client's batch statistics known: ours without
+  and with the BN-statistics prior (``bn_weight=0.1``) against Breaching's preset with its
+  ``deep_inversion`` regularizer at 0.1 and those statistics shared as the user's buffers (on
+  which Breaching runs its copy in eval mode), B = 4, 8.
 * ``AnalyticLinear`` on a fully connected model (3072-256-ReLU-10) at B = 8: rows of the first
   layer that only one sample reaches give that sample exactly.
 
 Usage: ``python benchmarks/batch_attacks.py [--quick] [--lenet-iterations 1000]
-[--resnet-iterations 150] [--sections labels,reconstruction,analytic]`` (Breaching from
+[--resnet-iterations 150] [--sections labels,reconstruction,analytic,bn]`` (Breaching from
 ``pip install -e ".[benchmark]"``; without it our side only). One CPU thread.
 """
 
@@ -79,14 +83,29 @@ class _Meta(dict):
             raise AttributeError(key) from err
 
 
-def breaching_ig(model, grads, shape, classes: int, iterations: int, num_samples: int, seed: int):
-    """Breaching's ``invertinggradients`` preset on our gradient: (inputs, labels, seconds)."""
+def breaching_ig(
+    model,
+    grads,
+    shape,
+    classes: int,
+    iterations: int,
+    num_samples: int,
+    seed: int,
+    user_buffers=None,
+    bn_scale: float = 0.0,
+):
+    """Breaching's ``invertinggradients`` preset on our gradient: (inputs, labels, seconds).
+
+    ``user_buffers``: BatchNorm buffers the user shares (Breaching then runs its model in eval
+    mode on them); ``bn_scale``: its ``deep_inversion`` regularizer (the BN prior) at that scale.
+    """
     import breaching
 
     logging.getLogger("breaching").setLevel(logging.WARNING)
-    cfg = breaching.get_attack_config(
-        "invertinggradients", overrides=[f"optim.max_iterations={iterations}"]
-    )
+    overrides = [f"optim.max_iterations={iterations}"]
+    if bn_scale > 0:
+        overrides.append(f"+regularization.deep_inversion.scale={bn_scale}")
+    cfg = breaching.get_attack_config("invertinggradients", overrides=overrides)
     setup = dict(device=torch.device("cpu"), dtype=torch.float)
     attacker = breaching.attacks.prepare_attack(model, torch.nn.CrossEntropyLoss(), cfg, setup)
     meta = _Meta(shape=tuple(shape), modality="vision", task="classification", classes=classes)
@@ -100,7 +119,7 @@ def breaching_ig(model, grads, shape, classes: int, iterations: int, num_samples
     shared = [
         dict(
             gradients=[g.clone() for g in grads],
-            buffers=None,
+            buffers=None if user_buffers is None else [b.clone() for b in user_buffers],
             metadata=dict(num_data_points=num_samples, labels=None, local_hyperparams=None),
         )
     ]
@@ -189,6 +208,92 @@ def reconstruction_section(args, have_breaching: bool) -> None:
     console.print(table)
 
 
+def bn_convnet():
+    """A small BN convnet in train mode (3 channels, 32 px, 10 classes)."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 8 * 8, 10),
+    ).train()
+
+
+def with_batch_statistics(model, x):
+    """A copy of ``model`` whose BN buffers hold the batch statistics of ``x`` (known stats)."""
+    import copy
+
+    attacker = copy.deepcopy(model)
+    norms = [m for m in attacker.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.__setitem__(m, i[0])) for m in norms]
+    with torch.no_grad():
+        attacker(x)
+        for m in norms:
+            m.running_mean.copy_(seen[m].mean([0, 2, 3]))
+            m.running_var.copy_(seen[m].var([0, 2, 3], unbiased=False))
+    for hook in hooks:
+        hook.remove()
+    return attacker
+
+
+def bn_section(args, have_breaching: bool) -> None:
+    """Train-mode BatchNorm, the batch statistics known: with and without the BN prior."""
+    table = Table(
+        title="Train-mode BatchNorm convnet, batch statistics known (bn_stats_known), "
+        f"{args.bn_iterations} iterations, labels not given"
+    )
+    for col in ("B", "attack", "PSNR mean / worst", "labels", "seconds"):
+        table.add_column(col, justify="right")
+    model = bn_convnet()
+    for size in (4, 8):
+        x, y = batch_of(size)
+        grads = observed_gradients_of(model, x, y)
+        attacker = with_batch_statistics(model, x)
+        for name, weight in (("ours, no prior", 0.0), ("ours, BN prior 0.1", 0.1)):
+            start = time.perf_counter()
+            rec = InvertingGradients.fast(
+                max_iterations=args.bn_iterations, bn_weight=weight
+            ).reconstruct(
+                attacker,
+                grads,
+                input_shape=(3, 32, 32),
+                num_samples=size,
+                generator=torch.Generator().manual_seed(args.seed),
+            )
+            seconds = time.perf_counter() - start
+            m, w, acc = scored(rec.inputs, rec.labels, (x, y))
+            table.add_row(str(size), name, f"{m:.2f} / {w:.2f}", f"{acc:.2f}", f"{seconds:.1f}")
+        if have_breaching:
+            data, labels, seconds = breaching_ig(
+                attacker,
+                grads,
+                (3, 32, 32),
+                10,
+                args.bn_iterations,
+                size,
+                args.seed,
+                user_buffers=list(attacker.buffers()),
+                bn_scale=0.1,
+            )
+            m, w, acc = scored(data, labels, (x, y))
+            table.add_row(
+                str(size),
+                "Breaching, deep_inversion 0.1",
+                f"{m:.2f} / {w:.2f}",
+                f"{acc:.2f}",
+                f"{seconds:.1f}",
+            )
+    console.print(table)
+
+
 def analytic_section(args) -> None:
     table = Table(title="AnalyticLinear on a fully connected model (3072-256-ReLU-10), B = 8")
     for col in ("batch", "PSNR mean / worst", "images >= 100 dB", "rows used", "group sizes"):
@@ -231,7 +336,8 @@ def _per_image_psnr(rec: torch.Tensor, truth: torch.Tensor) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny budgets")
-    parser.add_argument("--sections", default="labels,reconstruction,analytic")
+    parser.add_argument("--sections", default="labels,reconstruction,analytic,bn")
+    parser.add_argument("--bn-iterations", type=int, default=300)
     parser.add_argument("--lenet-iterations", type=int, default=1000)
     parser.add_argument("--resnet-iterations", type=int, default=150)
     parser.add_argument("--label-batches", type=int, default=20)
@@ -241,6 +347,7 @@ def main() -> None:
     args.batch_sizes, args.analytic_models = (1, 4, 8), 3
     if args.quick:
         args.lenet_iterations, args.resnet_iterations, args.label_batches = 5, 2, 2
+        args.bn_iterations = 3
         args.batch_sizes, args.analytic_models = (1, 4), 1
     try:
         import breaching  # noqa: F401
@@ -256,6 +363,8 @@ def main() -> None:
         analytic_section(args)
     if "reconstruction" in sections:
         reconstruction_section(args, have_breaching)
+    if "bn" in sections:
+        bn_section(args, have_breaching)
 
 
 if __name__ == "__main__":
