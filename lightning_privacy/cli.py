@@ -6,7 +6,9 @@
 * ``lightning-privacy sweep --config sweep.yaml [--backend local|ray] [--out DIR]`` -- a grid
   over defenses and strengths (:mod:`lightning_privacy.sweep`); ``results.csv``, Pareto plots
   and ``report.html`` in ``DIR``; rerunning it skips finished trials.
-* ``lightning-privacy report RUN_DIR`` -- (re)write ``RUN_DIR/report.html``.
+* ``lightning-privacy report RUN_DIR [--all]`` -- (re)write ``RUN_DIR/report.html`` (the trials of
+  the current configuration; ``--all`` adds those an earlier one left); exits 1 when a result
+  file is not a valid result (each one is named).
 
 Invalid input (a bad sweep file, an unknown backend, Ray missing, no such run directory) prints
 one line per problem naming the line and key and exits with code 2 before anything is written;
@@ -37,8 +39,10 @@ from rich.text import Text
 if TYPE_CHECKING:  # the sweep (torch, Lightning) is imported when a command needs it
     from lightning_privacy.sweep.results import TrialResult
 
-#: Exit code of invalid input (as argparse uses).
+#: Exit code of invalid input (as argparse uses), and of a run directory another sweep holds.
 EXIT_USAGE = 2
+#: Exit code after Ctrl-C (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
 
 #: DP-SGD's own training settings in the demo. Per-example clipping and noise want a larger batch
 #: (less noise per averaged gradient, fewer steps to account for) and a larger step than the
@@ -87,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write the HTML report of a run directory")
     report.add_argument("run_dir", help="a sweep or demo run directory")
     report.add_argument("--out", default=None, help="HTML file (default RUN_DIR/report.html)")
+    report.add_argument(
+        "--all", action="store_true", help="also the trials an earlier configuration left"
+    )
     return parser
 
 
@@ -267,6 +274,38 @@ def run_sweep_command(args: argparse.Namespace, console: Console) -> int:
     return 0 if all(r.ok for r in rows) else 1
 
 
+def run_report_command(args: argparse.Namespace, console: Console, errors: Console) -> int:
+    """``lightning-privacy report``: 1 when a result file had to be left out (it is named).
+
+    Example:
+        >>> args = build_parser().parse_args(["report", "/nonexistent"])
+        >>> try:
+        ...     run_report_command(args, Console(), Console())
+        ... except Exception as err:
+        ...     print(type(err).__name__)
+        _UsageError
+    """
+    from lightning_privacy.report import write_report
+    from lightning_privacy.sweep.results import scan_run
+
+    run_dir = Path(args.run_dir)
+    scan = scan_run(run_dir) if run_dir.is_dir() else None
+    if scan is None or not (scan.results or (args.all and scan.stale)):
+        bad = "".join(f"\n  {e}" for e in (scan.invalid if scan else ()))
+        raise _usage(
+            f"{str(run_dir)!r} is not a run directory with finished trials "
+            f"(expected trials/*/result.json from `lightning-privacy sweep` or `demo`).{bad}"
+        )
+    path = write_report(run_dir, path=args.out, include_stale=args.all)
+    for error in scan.invalid:
+        warning = Text.assemble(("warning: ", "bold yellow"), f"not a valid result: {error}")
+        errors.print(warning, soft_wrap=True)
+    if scan.stale and not args.all:
+        console.print(f"{len(scan.stale)} trial(s) of an earlier configuration not shown (--all).")
+    console.print(f"Report: {path}")
+    return 1 if scan.invalid else 0
+
+
 class _UsageError(Exception):
     pass
 
@@ -283,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         2
     """
     args = build_parser().parse_args(argv)  # before the sweep's imports: `--help` stays quick
+    from lightning_privacy._process import LockedError
     from lightning_privacy.sweep.config import SweepConfigError
 
     console = Console(width=None if sys.stdout.isatty() else 110)
@@ -301,18 +341,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sweep":
             return run_sweep_command(args, console)
         if args.command == "report":
-            from lightning_privacy.report import write_report
-            from lightning_privacy.sweep.results import load_trial_results
-
-            run_dir = Path(args.run_dir)
-            if not run_dir.is_dir() or not load_trial_results(run_dir):
-                raise _usage(
-                    f"{str(run_dir)!r} is not a run directory with finished trials "
-                    "(expected trials/*/result.json from `lightning-privacy sweep` or `demo`)."
-                )
-            path = write_report(run_dir, path=args.out)
-            console.print(f"Report: {path}")
-            return 0
+            return run_report_command(args, console, errors)
+    except KeyboardInterrupt:
+        errors.print(
+            "interrupted: the running trials were stopped; what finished is kept, and the same "
+            "command resumes."
+        )
+        return EXIT_INTERRUPTED
+    except LockedError as err:
+        errors.print(Text.assemble(("error: ", "bold red"), str(err)), soft_wrap=True)
+        return EXIT_USAGE
     except (SweepConfigError, _UsageError) as err:
         for problem in getattr(err, "errors", (err,)):  # every problem of a sweep file, one a line
             errors.print(Text.assemble(("error: ", "bold red"), str(problem)), soft_wrap=True)

@@ -33,10 +33,11 @@ from typing import Any
 
 from lightning_privacy.sweep.pareto import PARETO_PLOTS, agg_pyplot, figure_png, pareto_figure
 from lightning_privacy.sweep.results import (
+    RunScan,
     TrialResult,
     as_result,
     load_sweep_record,
-    load_trial_results,
+    scan_run,
     write_atomic,
 )
 
@@ -195,6 +196,24 @@ def _threat_table(results: Sequence[TrialResult]) -> str:
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
+def _scan_notes(scan: RunScan | None, *, include_stale: bool) -> list[str]:
+    """Paragraphs naming the result files left out (invalid) and the hidden stale trials."""
+    if scan is None:
+        return []
+    notes = [
+        f"<p class='note'><b>Not a valid result, not shown:</b> <code>{html.escape(str(e.path))}"
+        f"</code>: {html.escape(e.reason)}.</p>"
+        for e in scan.invalid
+    ]
+    if scan.stale and not include_stale:
+        notes.append(
+            f"<p class='note'>{len(scan.stale)} trial(s) of an earlier configuration of this "
+            "run directory are not shown (<code>lightning-privacy report --all RUN_DIR</code> "
+            "shows them).</p>"
+        )
+    return notes
+
+
 def _results_section(run_dir: Path, results: Sequence[TrialResult]) -> list[str]:
     """The table, what its columns mean, the warnings and the failed trials."""
     parts = [
@@ -253,8 +272,11 @@ def render_report(
     *,
     title: str = "lightning-privacy report",
     images_per_trial: int = 1,
+    notes: Sequence[str] = (),
 ) -> str:
     """The report as one HTML string (every image a base64 ``data:`` URI; no external files).
+
+    ``notes`` are HTML paragraphs shown under the results table (the files left out).
 
     Example:
         >>> row = {"trial_id": "g", "label": "g", "defense": "gaussian_noise", "val_acc": 0.8}
@@ -275,6 +297,7 @@ def render_report(
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         *_results_section(run_dir, rows),
+        *notes,
         reconstructions,
         _figure_section("<h2>Privacy-utility Pareto front</h2>", _png_uris(pareto_images(rows))),
         _figure_section("<h2>Leakage over training</h2>", _png_uris(curve_figures(rows))),
@@ -292,10 +315,14 @@ def write_report(
     results: Iterable[TrialResult | Mapping[str, Any]] | None = None,
     title: str | None = None,
     path: str | Path | None = None,
+    include_stale: bool = False,
 ) -> Path:
     """Write ``report.html`` for ``run_dir`` (results read from it unless given) and return it.
 
-    Nothing else is written: the figures are embedded, drawn in memory.
+    Nothing else is written: the figures are embedded, drawn in memory. Read from the
+    directory, the results are those of its current configuration (``include_stale`` adds the
+    trials an earlier configuration left); a ``result.json`` that is not a valid result is named
+    in the report instead of being dropped silently.
 
     Raises:
         FileNotFoundError: If ``run_dir`` does not exist.
@@ -309,9 +336,11 @@ def write_report(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"Run directory {str(run_dir)!r} does not exist.")
+    scan = scan_run(run_dir)
     if results is None:
-        results = load_trial_results(run_dir)
+        results = [*scan.results, *(scan.stale if include_stale else ())]
     if title is None:
         title = str(load_sweep_record(run_dir).get("title", "lightning-privacy report"))
     target = Path(path) if path is not None else run_dir / "report.html"
-    return write_atomic(target, render_report(run_dir, results, title=title))
+    notes = _scan_notes(scan, include_stale=include_stale)
+    return write_atomic(target, render_report(run_dir, results, title=title, notes=notes))

@@ -2,10 +2,18 @@
 
 A run directory holds ``trials/<trial_id>/result.json`` (one per finished trial),
 ``results.csv`` (:data:`RESULT_COLUMNS`, one row per trial of the grid), ``sweep.json`` (the
-validated configuration) and ``report.html``. Every one of them is written by
-:func:`write_atomic`, so a reader (a resumed sweep, the report) never sees a partial file. This
-module is all the report and the command line need to read a run; it imports nothing that runs
-trials.
+validated configuration, with the trial ids of its grid) and ``report.html``. Every one of them
+is written by :func:`write_atomic`, so a reader (a resumed sweep, the report) never sees a
+partial file. This module is all the report and the command line need to read a run; it imports
+nothing that runs trials.
+
+Every ``result.json`` carries :data:`SCHEMA_VERSION` and is validated when read
+(:func:`read_result`): a file that is not a complete result (truncated, not an object, keys
+missing, written by a newer version, in another trial's folder) raises :class:`InvalidResultError`
+naming the file and the reason; a resumed sweep moves it aside (:func:`set_aside`) and trains the
+trial again, and the report names it instead of dropping it. :func:`scan_run` also tells the
+trials of the current configuration (``sweep.json``'s ``trials``) from those an older
+configuration left in ``trials/``.
 
 Example:
     >>> import tempfile
@@ -56,6 +64,13 @@ RESULT_COLUMNS = (
 NO_FORMAL_DP = "no formal DP"
 #: The status of a trial that trained to the end.
 STATUS_OK = "ok"
+#: The version of ``result.json`` this library writes (files without one are version 0).
+SCHEMA_VERSION = 1
+#: What a bad ``result.json`` is renamed to when a sweep sets it aside.
+INVALID_FILE = "result.invalid.json"
+#: Keys every ``result.json`` holds, whatever its version.
+_REQUIRED_KEYS = ("trial_id", "label", "defense", "status")
+_NUMBERS = ("strength", "val_acc", "epsilon", "attack_psnr", "attack_ssim", "predicted_psnr")
 
 
 def write_atomic(path: str | Path, content: str | bytes) -> Path:
@@ -120,6 +135,7 @@ class TrialResult:
         history: Every logged scalar, ``{key: [[step, value], ...]}``.
         images: The trial's image files, relative to its directory.
         spec: The :class:`TrialSpec` as a dict (``None`` for a failed trial).
+        schema_version: The ``result.json`` format (:data:`SCHEMA_VERSION` when written).
 
     Example:
         >>> result = TrialResult(trial_id="none-1", label="none", defense="none", epsilon=None)
@@ -147,6 +163,7 @@ class TrialResult:
     history: Mapping[str, Sequence[Sequence[float]]] = field(default_factory=dict)
     images: tuple[str, ...] = ()
     spec: Mapping[str, Any] | None = None
+    schema_version: int = SCHEMA_VERSION
 
     @classmethod
     def finished(cls, spec: TrialSpec, **measured: Any) -> TrialResult:
@@ -200,8 +217,10 @@ class TrialResult:
         """Read a ``result.json`` dict, of this version or an older one.
 
         Keys that are not fields are ignored (older files have ``missing``); an ``overrides``
-        mapping is written as text. Identity fields ``data`` lacks (the partial dict of a custom
-        trial function) are taken from ``spec`` when given, else ``label`` is the ``trial_id``.
+        mapping is written as text; a dict without ``schema_version`` is version 0. Identity
+        fields ``data`` lacks (the partial dict of a custom trial function) are taken from
+        ``spec`` when given, else ``label`` is the ``trial_id``. This reads leniently; files are
+        validated by :func:`read_result`.
 
         Raises:
             ValueError: If there is no ``trial_id`` (and no ``spec``).
@@ -220,6 +239,7 @@ class TrialResult:
             )
         values.setdefault("label", values["trial_id"])
         values.setdefault("defense", "")
+        values.setdefault("schema_version", 0)  # written before versions existed
         overrides = values.get("overrides")
         if isinstance(overrides, Mapping):
             values["overrides"] = format_overrides(overrides)
@@ -278,22 +298,126 @@ def write_result(out_dir: str | Path, result: TrialResult) -> Path:
     return write_json_atomic(directory / RESULT_FILE, result.to_dict())
 
 
-def _read_result(path: Path, *, spec: TrialSpec | None = None) -> TrialResult | None:
-    """The result stored at ``path``, or ``None`` when it is missing or unreadable."""
+class InvalidResultError(ValueError):
+    """A ``result.json`` that is not a complete result of this library.
+
+    Attributes:
+        path: The file.
+        reason: What is wrong with it.
+
+    Example:
+        >>> str(InvalidResultError(Path("trials/a/result.json"), "not valid JSON"))
+        'trials/a/result.json: not valid JSON'
+    """
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def _problems(data: Mapping[str, Any], folder: str) -> list[str]:
+    """What keeps ``data`` (a parsed ``trials/<folder>/result.json``) from being a result."""
+    version = data.get("schema_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        return [f"its schema_version {version!r} is not a version number"]
+    if version > SCHEMA_VERSION:
+        return [
+            f"it was written by a newer lightning-privacy (schema version {version} > "
+            f"{SCHEMA_VERSION}); upgrade to read it"
+        ]
+    required = [*_REQUIRED_KEYS]
+    if data.get("status") == STATUS_OK:
+        required += ["fingerprint"] + (["spec"] if version >= 1 else [])
+    missing = [key for key in required if key not in data]
+    problems = [f"keys missing: {', '.join(missing)}"] if missing else []
+    if "trial_id" in data and data["trial_id"] != folder:
+        problems.append(f"its trial_id {data['trial_id']!r} is not its folder's {folder!r}")
+    if "status" in data and not isinstance(data["status"], str):
+        problems.append(f"its status is {describe_json(data['status'])}, not text")
+    for key in _NUMBERS:
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            problems.append(f"its {key} is {describe_json(value)}, not a number")
+    return problems
+
+
+def describe_json(value: Any) -> str:
+    """A JSON value's kind for a message (``a list``, ``the text 'x'``, ...).
+
+    Example:
+        >>> describe_json([]), describe_json("x"), describe_json(None)
+        ('a list', "the text 'x'", 'null')
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return f"the text {value!r}"
+    kinds = {list: "a list", dict: "an object", bool: "a boolean"}
+    return kinds.get(type(value), f"the number {value!r}")
+
+
+def read_result(path: str | Path) -> TrialResult | None:
+    """The result stored at ``path`` (``None`` if there is no file), validated.
+
+    Raises:
+        InvalidResultError: If the file is unreadable, not JSON (e.g. truncated), not an
+            object, misses keys of its schema version, has ill-typed values, lies in another
+            trial's folder or was written by a newer version.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     path = write_result(d, TrialResult(trial_id="a", label="a", defense="none"))
+        ...     ok = read_result(path).label
+        ...     _ = path.write_text('{"trial_id": "a", "fingerp')
+        ...     try:
+        ...         read_result(path)
+        ...     except InvalidResultError as err:
+        ...         bad = err.reason
+        >>> ok, bad
+        ('a', 'not valid JSON (truncated?): Unterminated string starting at (line 1, column 19)')
+    """
+    path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
         return None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InvalidResultError(path, f"unreadable ({err})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        where = f"{err.msg} (line {err.lineno}, column {err.colno})"
+        raise InvalidResultError(path, f"not valid JSON (truncated?): {where}") from None
     if not isinstance(data, Mapping):
-        return None
+        raise InvalidResultError(path, f"expected a JSON object, but got {describe_json(data)}")
+    problems = _problems(data, path.parent.name)
+    if problems:
+        raise InvalidResultError(path, "; ".join(problems))
     try:
-        return TrialResult.from_dict({"trial_id": path.parent.name, **data}, spec=spec)
-    except (TypeError, ValueError):  # not a result this library wrote
-        return None
+        return TrialResult.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise InvalidResultError(path, str(err)) from None
+
+
+def check_finished(out_dir: str | Path, spec: TrialSpec) -> TrialResult | None:
+    """The stored result of ``spec`` if it finished with the same fingerprint, else ``None``.
+
+    Raises:
+        InvalidResultError: If its ``result.json`` exists but is not a valid result.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     check_finished(d, TrialSpec("none", None)) is None
+        True
+    """
+    result = read_result(trial_dir(out_dir, spec.trial_id) / RESULT_FILE)
+    return result if result is not None and result.fingerprint == spec.fingerprint else None
 
 
 def load_finished(out_dir: str | Path, spec: TrialSpec) -> TrialResult | None:
-    """The stored result of ``spec`` if it finished with the same fingerprint, else ``None``.
+    """:func:`check_finished`, with ``None`` for an invalid file too (the trial is unfinished).
 
     Example:
         >>> import tempfile
@@ -301,14 +425,99 @@ def load_finished(out_dir: str | Path, spec: TrialSpec) -> TrialResult | None:
         ...     load_finished(d, TrialSpec("none", None)) is None
         True
     """
-    result = _read_result(trial_dir(out_dir, spec.trial_id) / RESULT_FILE, spec=spec)
-    return result if result is not None and result.fingerprint == spec.fingerprint else None
+    try:
+        return check_finished(out_dir, spec)
+    except InvalidResultError:
+        return None
 
 
-def load_trial_results(out_dir: str | Path) -> list[TrialResult]:
-    """Every ``trials/*/result.json`` of a run directory, in ``results.csv`` order.
+def set_aside(path: str | Path) -> Path:
+    """Rename a bad ``result.json`` to :data:`INVALID_FILE` beside it (kept for inspection).
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     bad = Path(d) / "result.json"
+        ...     _ = bad.write_text("[]")
+        ...     set_aside(bad).name, bad.exists()
+        ('result.invalid.json', False)
+    """
+    path = Path(path)
+    target = path.with_name(INVALID_FILE)
+    os.replace(path, target)
+    return target
+
+
+@dataclass(frozen=True)
+class RunScan:
+    """What a run directory's ``trials/*/result.json`` hold.
+
+    Attributes:
+        results: Valid results of the current configuration (all of them when ``sweep.json``
+            lists no trials), in ``results.csv`` order.
+        stale: Valid results of trials the current configuration does not have.
+        invalid: The files that are not valid results.
+
+    Example:
+        >>> RunScan((), (), ()).results
+        ()
+    """
+
+    results: tuple[TrialResult, ...]
+    stale: tuple[TrialResult, ...]
+    invalid: tuple[InvalidResultError, ...]
+
+
+def scan_run(out_dir: str | Path) -> RunScan:
+    """Read and validate every ``trials/*/result.json`` of a run directory.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     _ = write_result(d, TrialResult(trial_id="a", label="a", defense="none"))
+        ...     _ = write_result(d, TrialResult(trial_id="old", label="old", defense="none"))
+        ...     _ = write_sweep_record(d, {"trials": ["a"]})
+        ...     _ = (Path(d) / "trials" / "b").mkdir()
+        ...     _ = (Path(d) / "trials" / "b" / "result.json").write_text("[]")
+        ...     scan = scan_run(d)
+        >>> [r.trial_id for r in scan.results], [r.trial_id for r in scan.stale]
+        (['a'], ['old'])
+        >>> scan.invalid[0].reason
+        'expected a JSON object, but got a list'
+    """
+    out = Path(out_dir)
+    found: dict[str, TrialResult] = {}
+    invalid: list[InvalidResultError] = []
+    for path in sorted(out.glob(f"{TRIALS_DIR}/*/{RESULT_FILE}")):
+        try:
+            result = read_result(path)
+        except InvalidResultError as err:
+            invalid.append(err)
+            continue
+        if result is not None:
+            found[result.trial_id] = result
+    order: list[str] = []
+    if (out / RESULTS_CSV).is_file():
+        order = [row["trial_id"] for row in read_results_csv(out / RESULTS_CSV)]
+    ranked = [found[t] for t in order if t in found]
+    ranked += [r for t, r in found.items() if t not in order]
+    current = load_sweep_record(out).get("trials")
+    if not isinstance(current, list):
+        return RunScan(tuple(ranked), (), tuple(invalid))
+    keep = set(map(str, current))
+    return RunScan(
+        tuple(r for r in ranked if r.trial_id in keep),
+        tuple(r for r in ranked if r.trial_id not in keep),
+        tuple(invalid),
+    )
+
+
+def load_trial_results(out_dir: str | Path, *, include_stale: bool = False) -> list[TrialResult]:
+    """The valid ``trials/*/result.json`` of a run directory, in ``results.csv`` order.
 
     Results ``results.csv`` does not list (the sweep was interrupted) come last, by trial id.
+    Only the trials of the current configuration (``sweep.json``'s ``trials``) unless
+    ``include_stale``; invalid files are left out (:func:`scan_run` names them).
 
     Example:
         >>> import tempfile
@@ -319,17 +528,8 @@ def load_trial_results(out_dir: str | Path) -> list[TrialResult]:
         ...     [r.trial_id for r in load_trial_results(d)]
         ['b', 'a']
     """
-    out = Path(out_dir)
-    found: dict[str, TrialResult] = {}
-    for path in sorted(out.glob(f"{TRIALS_DIR}/*/{RESULT_FILE}")):
-        result = _read_result(path)
-        if result is not None:
-            found[result.trial_id] = result
-    order: list[str] = []
-    if (out / RESULTS_CSV).is_file():
-        order = [row["trial_id"] for row in read_results_csv(out / RESULTS_CSV)]
-    ranked = [found[t] for t in order if t in found]
-    return ranked + [r for t, r in found.items() if t not in order]
+    scan = scan_run(out_dir)
+    return [*scan.results, *(scan.stale if include_stale else ())]
 
 
 def load_results(out_dir: str | Path) -> list[dict[str, Any]]:

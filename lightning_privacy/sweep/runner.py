@@ -7,9 +7,19 @@ Outputs in the run directory:
 * ``results.csv`` -- one row per trial of the grid;
 * ``pareto_attack_psnr.png``, ``pareto_predicted_psnr.png``, ``pareto_epsilon.png``;
 * ``report.html`` -- the self-contained report (:mod:`lightning_privacy.report`);
-* ``sweep.json`` (the validated configuration) and ``events.log`` (trial starts and finishes).
+* ``sweep.json`` (the validated configuration and the ids of its trials) and ``events.log``
+  (trial starts, finishes, skips, results set aside, interruptions).
 
 Reading them back is :mod:`lightning_privacy.sweep.results`.
+
+Durability. Each local trial runs in its own spawned process that dies with the sweep (even
+when the sweep is killed with ``SIGKILL``) and ignores Ctrl-C: on Ctrl-C the sweep terminates
+its workers at once, writes nothing but an ``interrupted`` line to ``events.log`` and raises
+``KeyboardInterrupt`` (what finished is kept; a rerun resumes). A lock file (``.lock``, an
+``flock`` the kernel releases when the sweep dies) refuses a second concurrent run of the same
+directory with :class:`~lightning_privacy._process.LockedError`. A stored ``result.json`` that is
+not a valid result (truncated, not an object, keys missing, newer schema) is moved aside to
+``result.invalid.json``, named on the console and in ``events.log``, and its trial runs again.
 
 Example:
     >>> import tempfile
@@ -25,9 +35,9 @@ Example:
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import os
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -42,15 +52,19 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from lightning_privacy._process import DirectoryLock, LockedError, run_child
 from lightning_privacy.report import write_report
 from lightning_privacy.sweep.config import SweepConfig, TrialSpec, check_backend
 from lightning_privacy.sweep.pareto import write_pareto_plots
 from lightning_privacy.sweep.results import (
     RESULTS_CSV,
+    InvalidResultError,
     TrialResult,
+    check_finished,
     load_finished,
     load_results,
     read_results_csv,
+    set_aside,
     trial_dir,
     write_results_csv,
     write_sweep_record,
@@ -58,6 +72,7 @@ from lightning_privacy.sweep.results import (
 from lightning_privacy.sweep.trial import log_event, safe_run_trial
 
 __all__ = [
+    "LockedError",
     "TrialFn",
     "load_results",
     "progress_bar",
@@ -92,24 +107,62 @@ def progress_bar(console: Console | None = None, *, disable: bool = False) -> Pr
     )
 
 
+class _Worker:
+    """One trial in its own spawned process, which dies with this one and ignores Ctrl-C."""
+
+    def __init__(self, context: Any, trial_fn: TrialFn, spec: TrialSpec, out_dir: Path) -> None:
+        self.spec = spec
+        self.conn, child = context.Pipe(duplex=False)
+        args = (trial_fn, (spec.to_dict(), str(out_dir)), child, os.getpid())
+        self.process = context.Process(target=run_child, args=args, name=f"trial {spec.label}")
+        self.process.start()
+        child.close()  # this end belongs to the worker: EOF here once it is gone
+
+    def result(self) -> Mapping[str, Any]:
+        """The worker's result once it sent one (or died); re-raises what the trial raised."""
+        try:
+            status, value = self.conn.recv()
+        except EOFError:  # it died without a word (killed, out of memory, segfault)
+            self.process.join()
+            code = self.process.exitcode
+            return {"status": f"failed: the trial's process exited with code {code}"}
+        self.process.join()
+        if status == "raised":
+            raise value
+        return value
+
+    def stop(self) -> None:
+        """Terminate the worker now (``SIGTERM``, then ``SIGKILL`` after 5 s)."""
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+
+
 def _run_local(
     pending: list[TrialSpec], out_dir: Path, workers: int, trial_fn: TrialFn, on_done: _OnDone
 ) -> None:
-    """Each trial in a fresh spawned process (``workers`` at a time)."""
+    """Each trial in a fresh spawned process (``workers`` at a time), stopped with the sweep.
+
+    On any exception -- Ctrl-C's ``KeyboardInterrupt`` included -- every running worker is
+    terminated before it propagates; nothing queued starts.
+    """
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures: dict[Future[Mapping[str, Any]], TrialSpec] = {
-            pool.submit(trial_fn, spec.to_dict(), str(out_dir)): spec for spec in pending
-        }
-        remaining = set(futures)
-        try:
-            while remaining:
-                done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
-                for future in done:
-                    on_done(futures[future], future.result())
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+    queue, running = list(pending), []
+    try:
+        while queue or running:
+            while queue and len(running) < workers:
+                running.append(_Worker(context, trial_fn, queue.pop(0), out_dir))
+            ready = multiprocessing.connection.wait([w.conn for w in running])
+            for worker in [w for w in running if w.conn in ready]:
+                running.remove(worker)
+                on_done(worker.spec, worker.result())
+    finally:
+        for worker in running:
+            worker.stop()
 
 
 def _ray_trainable(config: dict[str, Any]) -> None:
@@ -191,11 +244,24 @@ def _run_in_process(
         on_done(spec, result)
 
 
-def _finished_trials(specs: Sequence[TrialSpec], out_dir: Path) -> dict[str, Mapping[str, Any]]:
-    """The results of the trials that finished in an earlier run, by trial id (logged as skips)."""
+def _finished_trials(
+    specs: Sequence[TrialSpec], out_dir: Path, console: Console
+) -> dict[str, Mapping[str, Any]]:
+    """The results of the trials that finished in an earlier run, by trial id (logged as skips).
+
+    An invalid ``result.json`` is set aside, named on the console and in ``events.log``; its
+    trial runs again.
+    """
     finished: dict[str, Mapping[str, Any]] = {}
     for spec in specs:
-        result = load_finished(out_dir, spec)
+        try:
+            result = check_finished(out_dir, spec)
+        except InvalidResultError as err:
+            moved = set_aside(err.path)
+            note = f"{err.path.relative_to(out_dir)} is not a valid result ({err.reason})"
+            console.print(f"[yellow]{note}: moved to {moved.name}; the trial runs again.[/yellow]")
+            log_event(out_dir, f"invalid {spec.trial_id} ({err.reason}); set aside, rerun")
+            continue
         if result is not None:
             finished[spec.trial_id] = result.to_dict()
             log_event(out_dir, f"skip {spec.trial_id} (finished)")
@@ -237,6 +303,10 @@ def run_sweep(
         progress: Show the progress bar.
         title: Report title.
 
+    Raises:
+        LockedError: If another live process runs a sweep in ``out_dir`` (nothing is done).
+        KeyboardInterrupt: On Ctrl-C, once the running trials are stopped.
+
     Returns:
         The result of every trial of the grid, in grid order: as the trial function returned
         it, or the stored ``result.json`` of a trial that had finished before.
@@ -248,7 +318,7 @@ def run_sweep(
         >>> failing = lambda spec, out: {"status": "failed: no GPU"}
         >>> with tempfile.TemporaryDirectory() as d:
         ...     rows = run_sweep(config, d, trial_fn=failing, in_process=True, progress=False)
-        ...     files = sorted(f for f in os.listdir(d) if not f.startswith("pareto"))
+        ...     files = sorted(f for f in os.listdir(d) if not f.startswith(("pareto", ".")))
         ...     row = read_results_csv(os.path.join(d, "results.csv"))[0]
         >>> files, rows
         (['report.html', 'results.csv', 'sweep.json'], [{'status': 'failed: no GPU'}])
@@ -256,14 +326,42 @@ def run_sweep(
         ('gaussian_noise', '0.1', 'failed: no GPU')
     """
     backend = check_backend(backend or config.backend, key="--backend")
-    workers = workers or config.workers
-    console = console or Console(stderr=True)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    title = title or f"lightning-privacy sweep: {config.name}"
-    write_sweep_record(out, {**asdict(config), "title": title})
+    with DirectoryLock(out, "lightning-privacy sweep"):
+        try:
+            return _run_sweep_locked(
+                config,
+                out,
+                backend=backend,
+                workers=workers or config.workers,
+                in_process=in_process,
+                trial_fn=trial_fn,
+                console=console or Console(stderr=True),
+                progress=progress,
+                title=title or f"lightning-privacy sweep: {config.name}",
+            )
+        except KeyboardInterrupt:
+            log_event(out, "interrupted (Ctrl-C): running trials stopped; rerun to resume")
+            raise
+
+
+def _run_sweep_locked(
+    config: SweepConfig,
+    out: Path,
+    *,
+    backend: str,
+    workers: int,
+    in_process: bool,
+    trial_fn: TrialFn,
+    console: Console,
+    progress: bool,
+    title: str,
+) -> list[dict[str, Any]]:
+    """:func:`run_sweep` once its directory is locked."""
     specs = config.trials()
-    results: dict[str, Mapping[str, Any]] = _finished_trials(specs, out)
+    record = {**asdict(config), "title": title, "trials": [s.trial_id for s in specs]}
+    write_sweep_record(out, record)
+    results: dict[str, Mapping[str, Any]] = _finished_trials(specs, out, console)
     pending = [s for s in specs if s.trial_id not in results]
     if results:
         console.print(f"Resuming: {len(results)} finished trial(s) skipped, {len(pending)} to run.")

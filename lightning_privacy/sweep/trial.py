@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
 import traceback
 import warnings
@@ -260,13 +262,25 @@ def _trainer(
 
 
 def _fit(trainer: Any, module: Any, datamodule: Any) -> tuple[float, tuple[str, ...]]:
-    """Train; return the seconds it took and the first line of every distinct warning."""
+    """Train; return the seconds it took and the first line of every distinct warning.
+
+    Lightning answers Ctrl-C with ``sys.exit(1)`` and ignores ``SIGINT`` from then on; here it
+    is a ``KeyboardInterrupt`` again (and Ctrl-C works again), so the sweep stops cleanly.
+    """
     start = time.perf_counter()
+    handler = signal.getsignal(signal.SIGINT)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         warnings.filterwarnings("ignore", ".*LeafSpec.*")
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        trainer.fit(module, datamodule)
+        try:
+            trainer.fit(module, datamodule)
+        except SystemExit:
+            if not trainer.interrupted:
+                raise
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, handler)
+            raise KeyboardInterrupt from None
     seconds = time.perf_counter() - start
     return seconds, tuple(dict.fromkeys(str(w.message).splitlines()[0] for w in caught))
 
