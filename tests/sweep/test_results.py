@@ -158,3 +158,72 @@ def test_atomic_write_replaces_and_leaves_no_temporary_file(tmp_path):
     write_atomic(tmp_path / "plot.png", b"\x89PNG")
     assert target.read_text() == "new" and (tmp_path / "plot.png").read_bytes() == b"\x89PNG"
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["plot.png", "report.html"]
+
+
+# ------------------------------------------------------- issue 14: corrupt or stale results
+def _quick_trial(calls):
+    def trial(spec, out):
+        from lightning_privacy.sweep.config import TrialSpec
+
+        spec = TrialSpec.from_dict(spec)
+        calls.append(spec.label)
+        result = TrialResult.finished(spec, val_acc=0.5 + spec.strength / 10)
+        write_result(out, result)
+        return result.to_dict()
+
+    return trial
+
+
+def test_issue14_item8_bad_results_are_named_set_aside_retrained_and_stale_ones_hidden(
+    tmp_path, capsys
+):
+    """Item 8: truncated, `[]` and stripped files were retrained or dropped in silence (or
+    crashed), a stripped one counted as finished, and an older configuration's trial showed."""
+    from lightning_privacy.cli import main
+    from lightning_privacy.sweep.config import TrialSpec
+    from lightning_privacy.sweep.runner import run_sweep
+
+    config = parse_sweep_config("defenses:\n  - {name: gaussian_noise, strengths: [1, 2, 3, 4]}\n")
+    specs = config.trials()
+    calls: list[str] = []
+    run_sweep(config, tmp_path, trial_fn=_quick_trial(calls), in_process=True, progress=False)
+    older = TrialSpec("none", None, {}, {"model": {"lr": 0.5}})  # left by an earlier grid
+    write_result(tmp_path, TrialResult.finished(older, val_acc=0.99))
+    path = [tmp_path / "trials" / s.trial_id / "result.json" for s in specs]
+    path[0].write_text(path[0].read_text()[:60])  # truncated
+    path[1].write_text("[]")
+    path[2].write_text(json.dumps({"trial_id": specs[2].trial_id, "fingerprint": "x"}))
+    reasons = [
+        "not valid JSON (truncated?)",
+        "expected a JSON object, but got a list",
+        "keys missing: label, defense, status",
+    ]
+
+    assert main(["report", str(tmp_path)]) == 1, "a report that leaves files out says so"
+    said = capsys.readouterr()
+    for bad, reason in zip(path, reasons, strict=False):
+        assert f"{bad}: {reason}" in said.err.replace("\n", ""), (bad, said.err)
+    assert "1 trial(s) of an earlier configuration not shown" in said.out
+    html = (tmp_path / "report.html").read_text()
+    assert "<td>gaussian_noise=4</td>" in html and "<td>none</td>" not in html
+    assert all(reason in html for reason in reasons)
+    assert main(["report", str(tmp_path), "--all"]) == 1
+    assert "<td>none</td>" in (tmp_path / "report.html").read_text()
+
+    calls.clear()
+    run_sweep(config, tmp_path, trial_fn=_quick_trial(calls), in_process=True, progress=False)
+    assert calls == [s.label for s in specs[:3]], "the three bad ones are trained again"
+    assert all((p.parent / "result.invalid.json").is_file() for p in path[:3])
+    assert (tmp_path / "events.log").read_text().count(" invalid ") == 3
+    assert [r.trial_id for r in load_trial_results(tmp_path)] == [s.trial_id for s in specs]
+
+
+def test_a_result_of_a_newer_schema_is_refused_by_name(tmp_path):
+    from lightning_privacy.sweep.results import InvalidResultError, read_result, scan_run
+
+    path = write_result(tmp_path, TrialResult.finished(SPEC, val_acc=0.5))
+    path.write_text(json.dumps({**json.loads(path.read_text()), "schema_version": 99}))
+    with pytest.raises(InvalidResultError, match=r"newer lightning-privacy \(schema version 99"):
+        read_result(path)
+    assert load_finished(tmp_path, SPEC) is None and scan_run(tmp_path).invalid
+    assert json.loads(write_result(tmp_path, _finished()).read_text())["schema_version"] == 1

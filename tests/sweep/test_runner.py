@@ -102,22 +102,15 @@ def test_rerun_skips_finished_trials_and_reruns_failed_ones(tmp_path):
 
     def fake(spec, out):
         from lightning_privacy.sweep.config import TrialSpec
-        from lightning_privacy.sweep.trial import RESULT_FILE, write_json_atomic
+        from lightning_privacy.sweep.results import TrialResult, write_result
 
         trial = TrialSpec.from_dict(spec)
         calls.append(trial.strength)
         if trial.strength == 3 and len(calls) <= 3:
             return {"trial_id": trial.trial_id, "status": "failed: boom"}
-        result = {
-            "trial_id": trial.trial_id,
-            "fingerprint": trial.fingerprint,
-            "status": "ok",
-            "val_acc": 1 / trial.strength,
-            "label": trial.label,
-        }
-        (Path(out) / "trials" / trial.trial_id).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(out) / "trials" / trial.trial_id / RESULT_FILE, result)
-        return result
+        result = TrialResult.finished(trial, val_acc=1 / trial.strength)
+        write_result(out, result)
+        return result.to_dict()
 
     first = run_sweep(config, tmp_path, trial_fn=fake, in_process=True, progress=False)
     assert calls == [1, 2, 3] and first[2]["status"].startswith("failed")
@@ -181,3 +174,86 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(tmp_path):
     with open(out / "results.csv") as handle:
         assert len(list(csv.DictReader(handle))) == 7
     assert "skipped" in rerun.stdout + rerun.stderr
+
+
+# ---------------------------------------------------------------- issue 14: interrupting a sweep
+SCRIPT = Path(__file__).with_name("sweep_script.py")
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie nobody reaped yet counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _start_slow_sweep(out: Path) -> tuple[subprocess.Popen, int]:
+    """The 3-trial sleeping sweep in its own session, once its first worker is training."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRIAL_SECONDS": "120"}
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(out)],
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not list(out.glob("pids/*")):
+        assert proc.poll() is None, "the sweep ended before its first trial started"
+        assert time.monotonic() < deadline, "no trial started"
+        time.sleep(0.05)
+    time.sleep(0.2)  # the pid file is written before the trial sleeps
+    return proc, int(next(out.glob("pids/*")).read_text())
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _running(pid)
+
+
+@pytest.mark.slow
+def test_issue14_item7_ctrl_c_stops_the_sweep_and_its_worker_at_once(tmp_path):
+    """Item 7: Ctrl-C ran the queued trial to the end (8.9 s) before the sweep exited."""
+    out = tmp_path / "run"
+    proc, worker = _start_slow_sweep(out)
+    sent = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+    assert proc.wait(timeout=60) == 130
+    assert time.monotonic() - sent < 10, "the sweep did not stop promptly"
+    assert _gone_within(worker, 5), "the worker outlived the sweep"
+    assert len(list(out.glob("pids/*"))) == 1, "a queued trial started after Ctrl-C"
+    assert not list(out.glob("trials/*/result.json")), "the interrupted trial wrote a result"
+    assert "interrupted" in (out / "events.log").read_text()
+
+
+@pytest.mark.slow
+def test_issue14_item7_workers_die_with_a_killed_sweep_and_the_lock_refuses_a_second_run(
+    tmp_path, monkeypatch, capsys
+):
+    """Item 7: after SIGKILL the workers trained on, and a rerun trained the same trials."""
+    import sweep_script
+
+    from lightning_privacy._process import LockedError
+    from lightning_privacy.cli import main
+
+    out = tmp_path / "run"
+    proc, worker = _start_slow_sweep(out)
+    config = parse_sweep_config(sweep_script.SWEEP)
+    with pytest.raises(LockedError, match=rf"Another lightning-privacy sweep \(pid {proc.pid},"):
+        run_sweep(config, out, trial_fn=sweep_script.slow_trial, in_process=True, progress=False)
+    file = tmp_path / "sweep.yaml"
+    file.write_text("defenses: [{name: none}]\naudit: null\nleakage: null\n")
+    assert main(["sweep", "--config", str(file), "--out", str(out)]) == 2
+    assert f"pid {proc.pid}" in capsys.readouterr().err
+    os.kill(proc.pid, signal.SIGKILL)  # the sweep alone, not its process group
+    proc.wait(timeout=30)
+    assert _gone_within(worker, 5), "the worker outlived the killed sweep"
+    assert not list(out.glob("trials/*/result.json"))
+    monkeypatch.setenv("TRIAL_SECONDS", "0")  # the kernel released the lock: a rerun goes ahead
+    rows = run_sweep(config, out, trial_fn=sweep_script.slow_trial, in_process=True, progress=False)
+    assert [r["status"] for r in rows] == ["ok"] * 3
