@@ -121,7 +121,11 @@ def test_write_report_raises_on_missing_dir(tmp_path):
         write_report(tmp_path / "nope")
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="chromium not installed: `make system-deps` (run by .ci/run) installs Debian's "
+    "chromium where apt-get works",
+)
 def test_report_renders_in_headless_chromium(tmp_path):
     _fake_run(tmp_path)
     report = write_report(tmp_path)
