@@ -120,3 +120,35 @@ def test_resnet18_monitor_with_defaults_refuses_a_measurement_over_its_bound(fas
     ):
         _fit(module, LeakageMonitor(batch=batch), fast_trainer_kwargs)
     assert Spy.steps == 0
+
+
+@pytest.mark.parametrize("observer", [InversionAudit, LeakageMonitor])
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("3-channel batch, 1-channel model", r"have 3 channel\(s\), but .* expects 1"),
+        ("label 11 of 10 classes", r"class ids in \[11, 11\], but the model outputs 10 logits"),
+    ],
+)
+def test_issue14_item9_the_audits_held_out_batch_is_checked_before_training(
+    case, message, observer, fast_trainer_kwargs
+):
+    """Item 9: LeakageMonitor killed training after 1-2 steps (IndexError: Target 11 is out of
+    bounds) and InversionAudit warned at every audit, measuring nothing."""
+    from lightning_privacy.data import DigitsDataModule
+    from lightning_privacy.models import LeNetDLG, LitClassifier
+
+    x, y = torch.rand(4, 1, 16, 16), torch.tensor([1, 2, 3, 4])
+    batch = (
+        (x.repeat(1, 3, 1, 1), y) if case.startswith("3-channel") else (x, torch.full_like(y, 11))
+    )
+    module = LitClassifier(LeNetDLG(10, channels=1, image_size=16))
+    Spy.steps = 0
+    trainer = L.Trainer(
+        max_steps=2,
+        callbacks=[observer(batch=batch, every_n_train_steps=1), Spy()],
+        **fast_trainer_kwargs,
+    )
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(module, DigitsDataModule(image_size=16, batch_size=16))
+    assert Spy.steps == 0, "refused before the first training step"
