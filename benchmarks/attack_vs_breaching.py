@@ -40,7 +40,11 @@ from rich.table import Table
 
 from lightning_privacy.attacks import DeepLeakage, InvertingGradients
 from lightning_privacy.data import load_lfw_tensors, load_photo_patches
-from lightning_privacy.functional.attacks import inverting_gradients, observed_gradients_of
+from lightning_privacy.functional.attacks import (
+    inverting_gradients,
+    observed_gradients_of,
+    restore_labels,
+)
 from lightning_privacy.metrics import reconstruction_metrics
 from lightning_privacy.models import LeNetDLG, resnet18_cifar
 
@@ -239,25 +243,38 @@ def ig_victim(model_name: str, index: int):
     return model, x, y, observed_gradients_of(model, x, y), classes
 
 
-def ours_ig(attack: InvertingGradients, model, grads, seed: int):
-    """Our attack with its best iterate traced: ``(inputs, labels, seconds, points)``."""
+class _ReachedTargetError(Exception):
+    """The kept iterate reached the target PSNR (``--stop-at-target``: a measurement shortcut)."""
+
+
+def ours_ig(attack: InvertingGradients, model, grads, seed: int, truth=None, target=None):
+    """Our attack with its best iterate traced: ``(inputs, labels, seconds, points, stopped)``.
+
+    With ``target``, the run stops once the kept iterate's PSNR against ``truth`` reaches it
+    (the check costs microseconds per step); ``labels`` is then ``None``.
+    """
     points: list[tuple[float, torch.Tensor]] = []
     start = time.perf_counter()
 
     def trace(step: int, objective: float, inputs: torch.Tensor) -> None:
         points.append((time.perf_counter() - start, inputs))
+        if target is not None and psnr_curve(points[-1:], truth)[0][1] >= target:
+            raise _ReachedTargetError
 
-    rec = inverting_gradients(
-        model,
-        grads,
-        input_shape=(3, 32, 32),
-        num_samples=1,
-        generator=torch.Generator().manual_seed(seed),
-        callback=trace,
-        **attack.options(),
-    )
+    try:
+        rec = inverting_gradients(
+            model,
+            grads,
+            input_shape=(3, 32, 32),
+            num_samples=1,
+            generator=torch.Generator().manual_seed(seed),
+            callback=trace,
+            **attack.options(),
+        )
+    except _ReachedTargetError:
+        return points[-1][1], None, points[-1][0], points, True
     seconds = time.perf_counter() - start
-    return rec.inputs, rec.labels, seconds, [*points, (seconds, rec.inputs)]
+    return rec.inputs, rec.labels, seconds, [*points, (seconds, rec.inputs)], False
 
 
 def psnr_curve(points, truth: torch.Tensor) -> list[tuple[float, float]]:
@@ -280,8 +297,8 @@ IG_MODELS = ("LeNet (sigmoid, RGB)", "ResNet-18 (eval)")
 def warm_up(have_breaching: bool, models=IG_MODELS) -> None:
     """One 3-step run of each side per model, so no first-call cost lands in a measurement."""
     for model_name in models:
-        model, _, _, grads, classes = ig_victim(model_name, 0)
-        ours_ig(InvertingGradients.fast(max_iterations=3), model, grads, 0)
+        model, x, _, grads, classes = ig_victim(model_name, 0)
+        ours_ig(InvertingGradients.fast(max_iterations=3), model, grads, 0, x, 99.0)
         ours_ig(InvertingGradients(max_iterations=3), model, grads, 0)
         if have_breaching:
             breaching_attack("invertinggradients", model, grads, (3, 32, 32), classes, 3, 0)
@@ -301,43 +318,60 @@ IG_COLUMNS = (
 
 
 def ig_case(args, model_name: str, index: int, have_breaching: bool, curves: dict) -> list:
-    """One image: both attacks traced; the table row's cells."""
+    """One image: both attacks traced; the table row's cells.
+
+    For a model named in ``--stop-at-target`` Breaching runs first and ours stops once it
+    reaches Breaching's final PSNR (its time to quality; its own final PSNR and run time are then
+    not measured).
+    """
     model, x, y, grads, classes = ig_victim(model_name, index)
+    stop = have_breaching and any(k and k in model_name for k in args.stop_at_target.split(","))
+    theirs = None
+    if have_breaching:
+        theirs = breaching_attack(
+            "invertinggradients",
+            model,
+            grads,
+            (3, 32, 32),
+            classes,
+            args.ig_iterations,
+            args.seed,
+            trace=True,
+        )
+        label = f"Breaching, {args.ig_iterations} it."
+        curves.setdefault((model_name, label), []).append(psnr_curve(theirs[3], x))
+    target = reconstruction_metrics(theirs[0], x)["psnr"] if theirs is not None else None
     fast_options = {} if args.fast_iterations is None else {"max_iterations": args.fast_iterations}
-    fast = ours_ig(InvertingGradients.fast(**fast_options), model, grads, args.seed)
+    fast = ours_ig(
+        InvertingGradients.fast(**fast_options),
+        model,
+        grads,
+        args.seed,
+        x,
+        target if stop else None,
+    )
     fast_curve = psnr_curve(fast[3], x)
     curves.setdefault((model_name, "ours: InvertingGradients.fast()"), []).append(fast_curve)
     if "LeNet" in model_name:
         paper = ours_ig(InvertingGradients(max_iterations=args.ig_iterations), model, grads, 0)
         key = (model_name, f"ours: paper preset, {args.ig_iterations} it.")
         curves.setdefault(key, []).append(psnr_curve(paper[3], x))
-    ours_psnr = reconstruction_metrics(fast[0], x)["psnr"]
-    ours_label = "yes" if int(fast[1][0]) == int(y[0]) else "no"
-    if not have_breaching:
-        return [f"{model_name}, patch {index}", "n/a", "n/a", f"{ours_psnr:.2f}", f"{fast[2]:.1f}"]
-    theirs = breaching_attack(
-        "invertinggradients",
-        model,
-        grads,
-        (3, 32, 32),
-        classes,
-        args.ig_iterations,
-        args.seed,
-        trace=True,
-    )
-    theirs_curve = psnr_curve(theirs[3], x)
-    curves.setdefault((model_name, f"Breaching, {args.ig_iterations} it."), []).append(theirs_curve)
-    target = reconstruction_metrics(theirs[0], x)["psnr"]
+    labels = fast[1] if fast[1] is not None else restore_labels(model, grads, 1)
+    ours_label = "yes" if int(labels[0]) == int(y[0]) else "no"
+    ours_psnr = "stopped" if fast[4] else f"{reconstruction_metrics(fast[0], x)['psnr']:.2f}"
+    ours_run = "stopped" if fast[4] else f"{fast[2]:.1f}"
+    if theirs is None or target is None:
+        return [f"{model_name}, patch {index}", "n/a", "n/a", ours_psnr, ours_run]
     reach = time_to(fast_curve, target)
     return [
         f"{model_name}, patch {index}",
         f"{target:.2f}",
         f"{theirs[2]:.1f}",
-        f"{ours_psnr:.2f}",
-        f"{fast[2]:.1f}",
+        ours_psnr,
+        ours_run,
         f"{reach:.1f}" if math.isfinite(reach) else "never",
         f"{reach / theirs[2]:.3f}" if math.isfinite(reach) else "missed",
-        f"{fast[2] / theirs[2]:.3f}",
+        "-" if fast[4] else f"{fast[2] / theirs[2]:.3f}",
         f"{ours_label} / {'yes' if int(theirs[1][0]) == int(y[0]) else 'no'}",
     ]
 
@@ -359,7 +393,9 @@ def ig_section(args, have_breaching: bool) -> None:
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
-    cases = [(m, i) for m in reversed(IG_MODELS) for i in range(args.images)]
+    # the first image of the costly model first, then the cheap model, then the rest
+    first, *rest = [(IG_MODELS[-1], i) for i in range(args.images)]
+    cases = [first, *((m, i) for m in IG_MODELS[:-1] for i in range(args.images)), *rest]
     results: dict = {}
     curves: dict = {}
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
@@ -434,6 +470,11 @@ def main() -> None:
     parser.add_argument("--fast-iterations", type=int, default=None, help="cap ours (smoke)")
     parser.add_argument("--curve", default="docs/ig_time_to_quality.png", help="PNG ('' = none)")
     parser.add_argument("--jobs", type=int, default=1, help="IG images measured at a time")
+    parser.add_argument(
+        "--stop-at-target",
+        default="",
+        help="models (e.g. ResNet) whose run of ours stops at Breaching's final PSNR",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
