@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -57,13 +58,21 @@ from torch.func import functional_call, grad, vjp, vmap
 
 from lightning_privacy._validation import check_float, check_int
 from lightning_privacy.functional.gradients import LossFn, select_parameters
+from lightning_privacy.functional.leakage_products import GramProducts, MeasurementTimeoutError
 
 Delta = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 
+#: The ``method`` names of :func:`gram_solver`.
+METHODS = ("auto", "dense", "pcg", "cg")
+
 __all__ = [
+    "METHODS",
+    "BlockCGResult",
     "CGResult",
     "DenseGramSolver",
     "GramFactorization",
+    "GramPreconditioner",
+    "GramProducts",
     "GramSolution",
     "GramSolver",
     "I2FResult",
@@ -71,6 +80,8 @@ __all__ = [
     "LeakageOperator",
     "LowerBoundResult",
     "MatrixFreeGramSolver",
+    "MeasurementTimeoutError",
+    "PreconditionedGramSolver",
     "conjugate_gradient",
     "expected_gaussian_i2f",
     "gram_of_rows",
@@ -80,6 +91,7 @@ __all__ = [
     "i2f_from_operator",
     "i2f_lower_bound",
     "lanczos_lambda_max",
+    "preconditioned_conjugate_gradient",
     "predicted_psnr",
 ]
 
@@ -156,6 +168,8 @@ class LeakageOperator:
         self.dtype = inputs.dtype
         self._build_products(model, inputs, targets, loss_fn, selected)
         self._check_differentiable_path()
+        self._source = (model, inputs.detach(), targets, loss_fn)
+        self._products: GramProducts | bool | None = False  # False: not built yet
 
     def _build_products(
         self,
@@ -189,10 +203,24 @@ class LeakageOperator:
         self.gradient = forward[0].detach()
 
     def _check_differentiable_path(self) -> None:
+        """Refuse a non-finite gradient (naming NaN) and a zero ``∇ₓ∇_θ L`` (naming its causes)."""
+        if not bool(torch.isfinite(self.gradient).all()):
+            raise FloatingPointError(
+                "Expected a finite loss and parameter gradient at this example, but they hold "
+                "NaN or inf (a diverged model, a non-finite input, or a loss that overflowed); "
+                "the I2F is undefined there. Check the model's weights and the held-out batch."
+            )
         probe = torch.randn(
             self.input_dim, generator=torch.Generator().manual_seed(0), dtype=self.dtype
         )
-        if not bool(self.jt(probe.to(self.gradient.device)).abs().sum() > 0):
+        product = self.jt(probe.to(self.gradient.device))
+        if not bool(torch.isfinite(product).all()):
+            raise FloatingPointError(
+                "Expected finite second derivatives ∇ₓ∇_θ L at this example, but they hold NaN "
+                "or inf (the gradient is finite, but its derivative overflowed or divides by "
+                "zero, e.g. a norm of a zero vector); the I2F is undefined there."
+            )
+        if not bool(product.abs().sum() > 0):
             raise ValueError(
                 "Expected a differentiable path from the inputs to the parameter gradient, but "
                 "∇_x ∇_θ L is zero (the inputs are detached, discretised, or used only through an "
@@ -305,17 +333,69 @@ class LeakageOperator:
                 rows[i : i + len(block), a:b].view(len(block), *shape).copy_(block)
         return rows
 
-    def gram(self, *, row_budget: int = 2**28) -> Tensor:
+    def batched_products(self) -> GramProducts | None:
+        """The engine of batched ``J Jᵀ V`` products (:mod:`.leakage_products`), or ``None``.
+
+        Built on first use and checked once against :meth:`jt` on a random direction; ``None``
+        (with a warning) when its layer rules do not reproduce the reference product, e.g. a layer
+        whose weights are also used outside its ``forward``.
+
+        Example:
+            >>> op = LeakageOperator(torch.nn.Linear(3, 2), torch.randn(1, 3), torch.tensor([1]))
+            >>> op.batched_products().fallback
+            []
+        """
+        if self._products is False:
+            model, inputs, targets, loss_fn = self._source
+            with torch.enable_grad():
+                products = GramProducts(
+                    model, inputs, targets, loss_fn=loss_fn, observed=self.names
+                )
+                ok = products.agrees_with(self.jt)
+            if not ok:
+                warnings.warn(
+                    "The batched J Jᵀ products do not match the reference product on this model "
+                    "(a layer's weights used outside its forward?); using the slower per-column "
+                    "products.",
+                    stacklevel=2,
+                )
+            self._products = products if ok else None
+        return self._products if isinstance(self._products, GramProducts) else None
+
+    def gram_matmul(self, rows: Tensor) -> Tensor:
+        """``J Jᵀ v`` for every row ``v`` of a ``(k, d_x)`` tensor (batched when possible).
+
+        Example:
+            >>> op = LeakageOperator(torch.nn.Linear(3, 2), torch.randn(1, 3), torch.tensor([1]))
+            >>> torch.allclose(op.gram_matmul(torch.eye(3)).double(), op.gram(), atol=1e-6)
+            True
+        """
+        rows = rows.reshape(-1, self.input_dim)
+        products = self.batched_products()
+        if products is not None:
+            return products.matmul(rows)
+        return torch.stack([self.gram_matvec(v) for v in rows])
+
+    def gram(
+        self,
+        *,
+        row_budget: int = 2**28,
+        deadline: float | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Tensor:
         """The dense ``d_x x d_x`` input-space Gram matrix ``J Jᵀ`` in float64 (symmetric).
 
         When the rows of ``J`` fit in ``row_budget`` bytes (37 MB for the DLG LeNet on 32x32
         images) they are formed once (:meth:`jacobian_rows`) and ``J Jᵀ`` is one symmetric
-        rank-``d_θ`` update: BLAS ``syrk`` on CPU (half the flops of a general product), blocked
-        products over one triangle elsewhere. Above the budget nothing of size ``d_x x d_θ`` is
-        held: each chunk of ``Jᵀ e_i`` goes straight through ``J (·)`` and is dropped (slower).
+        rank-``d_θ`` update: BLAS ``syrk`` on CPU, blocked products over one triangle elsewhere.
+        Above the budget the columns ``J Jᵀ e_i`` come from :meth:`batched_products` (many
+        columns per pass through the network), or, where its rules do not apply, one by one.
 
         Args:
-            row_budget: Bytes the rows of ``J`` may take; ``0`` forces the two-pass build.
+            row_budget: Bytes the rows of ``J`` may take; ``0`` forces the column products.
+            deadline: A ``time.perf_counter()`` value past which no further batch of columns
+                starts (:class:`MeasurementTimeoutError` is raised instead).
+            progress: Called with ``(columns done, d_x)`` while the columns are formed.
 
         Example:
             >>> op = LeakageOperator(torch.nn.Linear(3, 2), torch.randn(1, 3), torch.tensor([1]))
@@ -326,14 +406,19 @@ class LeakageOperator:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         if self.input_dim * self.param_dim * itemsize <= row_budget:
             return gram_of_rows(self.jacobian_rows())
+        products = self.batched_products()
+        if products is not None:
+            return products.gram(deadline=deadline, progress=progress)
+        g = torch.empty(self.input_dim, self.input_dim, dtype=torch.float64)
         eye = torch.eye(self.input_dim, dtype=self.dtype, device=self.gradient.device)
-
-        def column(e: Tensor) -> Tensor:
-            out = self._jt(e)[0]
-            u = torch.cat([out[n].reshape(-1) for n in self.names])
-            return self._j(u)[0].reshape(-1)
-
-        g = self._batched(column, eye).to(torch.float64)
+        for i in range(self.input_dim):
+            if deadline is not None and time.perf_counter() > deadline:
+                done = f"{i} of {self.input_dim}"
+                raise MeasurementTimeoutError(f"stopped after {done} columns of J Jᵀ")
+            g[i] = self.gram_matvec(eye[i]).to(torch.float64).cpu()
+            if progress is not None:
+                progress(i + 1, self.input_dim)
+        g = g.to(self.gradient.device)
         return (g + g.T) / 2
 
 
@@ -741,18 +826,26 @@ class DenseGramSolver(GramSolver):
 
     @classmethod
     def assemble(
-        cls, op: LeakageOperator, *, damping: float = 0.0, lanczos_seed: int = 0
+        cls,
+        op: LeakageOperator,
+        *,
+        damping: float = 0.0,
+        lanczos_seed: int = 0,
+        deadline: float | None = None,
     ) -> DenseGramSolver:
         """Assemble ``J Jᵀ`` of ``op`` (``d_x`` batched products) and factorise it once.
 
         Damped, the eigendecomposition is taken at once (the Cholesky factor would go unused).
+        Past ``deadline`` (a ``time.perf_counter()`` value) the assembly stops with
+        :class:`MeasurementTimeoutError`.
 
         Example:
             >>> op = LeakageOperator(torch.nn.Linear(3, 2), torch.randn(1, 3), torch.tensor([1]))
             >>> DenseGramSolver.assemble(op).factorization.dim
             3
         """
-        return cls(GramFactorization(op.gram(), spectrum=damping > 0), damping, lanczos_seed)
+        gram = op.gram(deadline=deadline)
+        return cls(GramFactorization(gram, spectrum=damping > 0), damping, lanczos_seed)
 
     def solve(self, rows: Tensor) -> GramSolution:
         """Solve every row with the factorisation."""
@@ -857,6 +950,259 @@ class MatrixFreeGramSolver(GramSolver):
         )
 
 
+@dataclass(frozen=True)
+class BlockCGResult:
+    """Solutions of ``(A + λ I) x = b`` for ``k`` right-hand sides by preconditioned CG.
+
+    Attributes:
+        solution: ``(k, n)`` float64 solutions.
+        iterations: Iterations per right-hand side.
+        converged: Whether every solve reached its tolerance.
+        relative_residual: Final preconditioned relative residual per right-hand side.
+
+    Example:
+        >>> res = preconditioned_conjugate_gradient(lambda v: 2 * v, torch.ones(1, 3))
+        >>> res.solution, res.iterations
+        (tensor([[0.5000, 0.5000, 0.5000]], dtype=torch.float64), (1,))
+    """
+
+    solution: Tensor
+    iterations: tuple[int, ...]
+    converged: bool
+    relative_residual: tuple[float, ...]
+
+
+def preconditioned_conjugate_gradient(
+    matmul: Callable[[Tensor], Tensor],
+    rhs: Tensor,
+    precondition: Callable[[Tensor], Tensor] | None = None,
+    *,
+    damping: float = 0.0,
+    tol: float = 1e-6,
+    max_iterations: int | None = None,
+    deadline: float | None = None,
+) -> BlockCGResult:
+    """Independent preconditioned CG solves from zero, one batched product per iteration.
+
+    Each right-hand side runs its own recurrence; the products of the unconverged ones are one
+    call ``matmul((j, n)) -> (j, n)``, so a batched ``J Jᵀ`` product serves them all. A solve
+    stops when its preconditioned residual ``sqrt(rᵀ M⁻¹ r / bᵀ M⁻¹ b)`` falls below ``tol``: with
+    ``M ≈ A`` that is the relative error in the ``A``-norm, which bounds the error of the
+    solution's norm far better than the plain residual on ill-conditioned ``A``.
+
+    Args:
+        matmul: ``(j, n) -> (j, n)`` rows ``v -> A v``.
+        rhs: ``(k, n)`` right-hand sides.
+        precondition: ``(j, n) -> (j, n)`` rows ``r -> M⁻¹ r`` (``None``: plain CG).
+        damping: ``λ >= 0`` added to the diagonal of ``A``.
+        tol: Preconditioned relative residual at which a solve stops.
+        max_iterations: Iteration cap (default ``4 n``).
+        deadline: ``time.perf_counter()`` value past which no further iteration starts
+            (:class:`MeasurementTimeoutError`).
+
+    Example:
+        >>> a = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> b = torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=torch.float64)
+        >>> res = preconditioned_conjugate_gradient(lambda v: v @ a, b, lambda r: r / 4)
+        >>> torch.allclose(res.solution @ a, b), res.converged
+        (True, True)
+    """
+    damping = check_float("damping", damping, low=0.0)
+    b = rhs.to(torch.float64)
+    cap = (
+        4 * b.shape[1]
+        if max_iterations is None
+        else check_int("max_iterations", max_iterations, low=1)
+    )
+    apply = (lambda r: r) if precondition is None else (lambda r: precondition(r).to(torch.float64))
+    x, r = torch.zeros_like(b), b.clone()
+    z = apply(r)
+    p, rz = z.clone(), (r * z).sum(1)
+    scale = rz.clamp_min(1e-300)
+    done = rz <= 0
+    iterations = torch.zeros(len(b), dtype=torch.long)
+    for _ in range(cap):
+        active = torch.nonzero(~done).flatten()
+        if len(active) == 0:
+            break
+        if deadline is not None and time.perf_counter() > deadline:
+            raise MeasurementTimeoutError(
+                f"conjugate gradients stopped after {int(iterations.max())} iterations"
+            )
+        ap = matmul(p[active]).to(torch.float64) + damping * p[active]
+        alpha = rz[active] / (p[active] * ap).sum(1)
+        x[active] += alpha[:, None] * p[active]
+        r[active] -= alpha[:, None] * ap
+        z_new = apply(r[active])
+        rz_new = (r[active] * z_new).sum(1)
+        iterations[active] += 1
+        p[active] = z_new + (rz_new / rz[active])[:, None] * p[active]
+        rz[active] = rz_new
+        done[active] = (rz_new.clamp_min(0) / scale[active]).sqrt() <= tol
+    rel = (rz.clamp_min(0) / scale).sqrt()
+    return BlockCGResult(
+        x, tuple(int(i) for i in iterations), bool(done.all()), tuple(rel.tolist())
+    )
+
+
+class GramPreconditioner:
+    """``M = J_S J_Sᵀ + ε I``, the Gram matrix of the first layers, factorised once.
+
+    ``J_S J_Sᵀ ⪯ J Jᵀ`` (for piecewise-linear networks exactly; the Gauss-Newton form
+    otherwise), so ``M⁻¹ J Jᵀ`` keeps the spectrum of the deeper layers only: on the models of
+    ``benchmarks/i2f_scale.py`` preconditioned CG needs tens of iterations where plain CG needs
+    thousands. ``ε`` is the smallest of ``1e-10, 1e-8, ... x λ_max(M)`` for which the Cholesky
+    factorisation succeeds.
+
+    Args:
+        gram: The dense prefix Gram matrix (float64).
+
+    Example:
+        >>> m = GramPreconditioner(torch.diag(torch.tensor([4.0, 1.0], dtype=torch.float64)))
+        >>> m.solve(torch.tensor([[4.0, 1.0]], dtype=torch.float64)).round(decimals=6)
+        tensor([[1., 1.]], dtype=torch.float64)
+    """
+
+    def __init__(self, gram: Tensor) -> None:
+        gram = gram.to(torch.float64)
+        n = gram.shape[0]
+        top = float(torch.linalg.eigvalsh(gram)[-1]) if n <= 64 else float(gram.diagonal().sum())
+        top = top if top > 0 else 1.0
+        eye = torch.eye(n, dtype=torch.float64, device=gram.device)
+        for exponent in (-10, -8, -6, -4, -2, 0):
+            self.ridge = top * 10.0**exponent
+            factor, info = torch.linalg.cholesky_ex(gram + self.ridge * eye)
+            if int(info) == 0 and bool(torch.isfinite(factor).all()):
+                break
+        self.factor = factor
+
+    def solve(self, rows: Tensor) -> Tensor:
+        """``M⁻¹ r`` for every row ``r``."""
+        return torch.cholesky_solve(rows.to(torch.float64).T, self.factor).T
+
+    def trace_inverse(self) -> float:
+        """``tr(M⁻¹)``, exactly."""
+        eye = torch.eye(len(self.factor), dtype=torch.float64, device=self.factor.device)
+        return float((torch.linalg.solve_triangular(self.factor, eye, upper=False) ** 2).sum())
+
+
+@dataclass(frozen=True)
+class PreconditionedGramSolver(GramSolver):
+    """Matrix-free, preconditioned by the first layers' Gram matrix (:class:`GramPreconditioner`).
+
+    Solves by batched preconditioned CG (every draw of δ in one product per iteration), the
+    Gaussian trace ``tr((J Jᵀ)⁻¹)`` as ``tr(M⁻¹)`` (exact) plus a Hutchinson estimate of
+    ``tr((J Jᵀ)⁻¹ - M⁻¹)`` (a control variate: the probes only see what ``M`` misses), ``λ_max`` by
+    Lanczos. Converged to ``tol=1e-6`` it is exact for every purpose here; with a loose ``tol`` it
+    is the ``"approximate"`` estimator (its norms then come out low by about ``tol`` or less).
+
+    Args:
+        operator: The example's :class:`LeakageOperator`.
+        preconditioner: ``M`` (see :meth:`build`).
+        damping: ``λ >= 0``.
+        lanczos_seed: Seed of the Lanczos start vector.
+        num_probes: Hutchinson probes.
+        generator: Source of the probes.
+        tol: Preconditioned relative residual of the solves.
+        max_iterations: Iteration cap per solve.
+        lanczos_tol: Relative Ritz residual of ``λ_max``.
+        deadline: ``time.perf_counter()`` value past which no iteration starts.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> op = LeakageOperator(model, torch.randn(1, 3), torch.tensor([1]))
+        >>> dense, pcg = gram_solver(op, method="dense"), gram_solver(op, method="pcg")
+        >>> b = torch.randn(2, 3)
+        >>> torch.allclose(pcg.solve(b).solution, dense.solve(b).solution, rtol=1e-4)
+        True
+    """
+
+    method: ClassVar[str] = "pcg"
+    operator: LeakageOperator
+    preconditioner: GramPreconditioner
+    damping: float = 0.0
+    lanczos_seed: int = 0
+    num_probes: int = 16
+    generator: torch.Generator | None = None
+    tol: float = 1e-6
+    max_iterations: int | None = None
+    lanczos_tol: float = 1e-6
+    deadline: float | None = None
+
+    @classmethod
+    def build(
+        cls,
+        op: LeakageOperator,
+        *,
+        ratio: float = 2.0,
+        deadline: float | None = None,
+        **kwargs: Any,
+    ) -> PreconditionedGramSolver:
+        """The solver of ``op`` with ``M`` from the layers holding ``ratio * d_x`` parameters.
+
+        Example:
+            >>> op = LeakageOperator(torch.nn.Linear(3, 2), torch.randn(1, 3), torch.tensor([1]))
+            >>> PreconditionedGramSolver.build(op).method
+            'pcg'
+        """
+        products = op.batched_products()
+        if products is None:
+            gram = torch.eye(op.input_dim, dtype=torch.float64, device=op.gradient.device)
+        else:
+            gram = products.prefix_gram(ratio=ratio, deadline=deadline)
+        return cls(op, GramPreconditioner(gram), deadline=deadline, **kwargs)
+
+    def _matmul(self, rows: Tensor) -> Tensor:
+        return self.operator.gram_matmul(rows).to(torch.float64)
+
+    def _solve(self, rows: Tensor, tol: float | None = None) -> BlockCGResult:
+        return preconditioned_conjugate_gradient(
+            self._matmul,
+            rows.reshape(-1, self.operator.input_dim),
+            self.preconditioner.solve,
+            damping=self.damping,
+            tol=self.tol if tol is None else tol,
+            max_iterations=self.max_iterations,
+            deadline=self.deadline,
+        )
+
+    def solve(self, rows: Tensor) -> GramSolution:
+        """Batched preconditioned CG; warns when a solve stops before ``tol``."""
+        run = self._solve(rows)
+        if not run.converged:
+            warnings.warn(
+                f"Preconditioned conjugate gradients stopped before tol={self.tol} (iterations "
+                f"{run.iterations}); the I2F is approximate. Raise `max_iterations`.",
+                stacklevel=3,
+            )
+        return GramSolution(run.solution, run.iterations, run.converged)
+
+    def trace_inverse(self) -> float:
+        """``tr(M⁻¹)`` plus Hutchinson's estimate of what ``M`` misses (damped: Hutchinson's)."""
+        probes = _rademacher_probes(self.num_probes, self.operator, self.generator)
+        w = self._solve(probes).solution
+        if self.damping > 0:
+            return float((w * self._matmul(w)).sum(1).mean())
+        correction = (probes * (w - self.preconditioner.solve(probes))).sum(1).mean()
+        return self.preconditioner.trace_inverse() + float(correction)
+
+    def trace(self) -> float:
+        """Hutchinson's estimate of ``tr(J Jᵀ)`` (batched products)."""
+        probes = _rademacher_probes(self.num_probes, self.operator, self.generator)
+        return float((probes * self._matmul(probes)).sum(1).mean())
+
+    def lanczos(self) -> LanczosResult:
+        """Lanczos on ``v -> J Jᵀ v`` to ``lanczos_tol``."""
+        device = self.operator.gradient.device
+        return lanczos_lambda_max(
+            lambda v: self._matmul(v[None])[0],
+            self.operator.input_dim,
+            tol=self.lanczos_tol,
+            generator=torch.Generator(device=device).manual_seed(self.lanczos_seed),
+            device=device,
+        )
+
+
 def gram_solver(
     op: LeakageOperator,
     *,
@@ -868,20 +1214,24 @@ def gram_solver(
     generator: torch.Generator | None = None,
     tol: float = 1e-6,
     max_iterations: int | None = None,
+    deadline: float | None = None,
 ) -> GramSolver:
     """The Gram solver for ``op``: dense when ``method="dense"`` or ``"auto"`` and small inputs.
 
     Args:
         op: The example's operator.
-        method: ``"dense"`` (assemble and factorise ``J Jᵀ``), ``"cg"`` (matrix-free) or
-            ``"auto"`` (dense when ``d_x <= dense_limit``).
+        method: ``"dense"`` (assemble and factorise ``J Jᵀ``), ``"pcg"`` (matrix-free,
+            preconditioned by the first layers' Gram matrix), ``"cg"`` (matrix-free, plain) or
+            ``"auto"`` (dense when ``d_x <= dense_limit``, else ``"pcg"``).
         dense_limit: Largest input dimension for the dense path under ``"auto"``.
         damping: ``λ >= 0``.
         lanczos_seed: Seed of the Lanczos start vector.
         num_probes: Hutchinson probes per trace (matrix-free only).
         generator: Source of the probes (matrix-free only).
-        tol: CG relative residual tolerance (matrix-free only).
+        tol: CG tolerance (matrix-free only).
         max_iterations: CG iteration cap (matrix-free only).
+        deadline: ``time.perf_counter()`` value past which no further batch of products starts
+            (:class:`MeasurementTimeoutError`).
 
     Raises:
         ValueError: For an unknown ``method``.
@@ -889,10 +1239,24 @@ def gram_solver(
     Example:
         >>> op = LeakageOperator(torch.nn.Linear(3, 2), torch.randn(1, 3), torch.tensor([1]))
         >>> gram_solver(op).method, gram_solver(op, dense_limit=2).method
-        ('dense', 'cg')
+        ('dense', 'pcg')
     """
-    if _method(op, method, dense_limit) == "dense":
-        return DenseGramSolver.assemble(op, damping=damping, lanczos_seed=lanczos_seed)
+    chosen = _method(op, method, dense_limit)
+    if chosen == "dense":
+        return DenseGramSolver.assemble(
+            op, damping=damping, lanczos_seed=lanczos_seed, deadline=deadline
+        )
+    if chosen == "pcg":
+        return PreconditionedGramSolver.build(
+            op,
+            deadline=deadline,
+            damping=damping,
+            lanczos_seed=lanczos_seed,
+            num_probes=num_probes,
+            generator=generator,
+            tol=tol,
+            max_iterations=max_iterations,
+        )
     return MatrixFreeGramSolver(
         op, damping, lanczos_seed, num_probes, generator, tol=tol, max_iterations=max_iterations
     )
@@ -937,12 +1301,12 @@ class I2FResult:
 
 
 def _method(op: LeakageOperator, method: str, dense_limit: int) -> str:
-    if method not in ("auto", "dense", "cg"):
+    if method not in METHODS:
         raise ValueError(
-            f"Expected `method` to be one of 'auto', 'dense', 'cg', but got {method!r}."
+            f"Expected `method` to be one of {', '.join(map(repr, METHODS))}, but got {method!r}."
         )
     if method == "auto":
-        return "dense" if op.input_dim <= dense_limit else "cg"
+        return "dense" if op.input_dim <= dense_limit else "pcg"
     return method
 
 

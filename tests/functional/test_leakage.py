@@ -260,7 +260,7 @@ def test_gram_solvers_give_the_same_quantities(setup):
     model, x, y, J, delta = setup
     op = LeakageOperator(model, x, y)
     gram = J @ J.T
-    assert gram_solver(op).method == "dense" and gram_solver(op, dense_limit=63).method == "cg"
+    assert gram_solver(op).method == "dense" and gram_solver(op, dense_limit=63).method == "pcg"
     dense = gram_solver(op, method="dense", lanczos_seed=3)
     free = gram_solver(op, method="cg", lanczos_seed=3, tol=1e-12, max_iterations=2000)
     assert isinstance(dense, DenseGramSolver) and isinstance(free, MatrixFreeGramSolver)
