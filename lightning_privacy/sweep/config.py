@@ -570,8 +570,8 @@ def _check_defense(doc: _Located, entry: Any, index: int) -> DefenseGrid:
         errors.raise_any()
         return DefenseGrid(name, (None,), {}, overrides or {}, index)
     strengths = errors.run(_check_strengths, doc, entry, name, base)
-    if strengths is not None:
-        errors.run(_check_defense_options, doc, name, strengths, options, base)
+    # with bad strengths the options are still checked by name (the component needs a strength)
+    errors.run(_check_defense_options, doc, name, strengths or (), options, base)
     errors.raise_any()
     assert strengths is not None and overrides is not None  # no problem was found
     return DefenseGrid(name, strengths, options, overrides, index)
