@@ -15,20 +15,24 @@ Inversion Influence Function (Zhang et al., NeurIPS 2023)::
 
 and reaches ``PSNR = 10 log10(range² / (I2F² / d_x))``. Estimators: ``"exact"`` (the default: I2F
 of ``num_delta_samples`` draws of δ, any pipeline; ``J Jᵀ`` is factorised once per example and
-reused for every draw), ``"expected"`` (``sqrt(E I2F²) = std sqrt(tr((JJᵀ)⁻¹))`` in closed form for
+reused for every draw), ``"approximate"`` (the same draws by preconditioned conjugate gradients
+stopped early: a fraction of the cost on large models, a few per cent low), ``"expected"``
+(``sqrt(E I2F²) = std sqrt(tr((JJᵀ)⁻¹))`` in closed form for
 ``[deterministic transforms..., GaussianNoise(std)]``) and ``"lower_bound"`` (``‖J δ‖ / λ_max``: the
 cheapest, but it only tracks the noise size -- on the DLG LeNet it is ~1e4 below the exact value
 and ranks images no better than ``‖δ‖`` alone; do not read it as the leakage). The model is
 evaluated in eval mode (dropout off, BatchNorm running statistics).
 
 Cost per estimate: ``num_samples`` assemblies and Cholesky factorisations of the ``d_x x d_x``
-matrix ``J Jᵀ`` (``d_x`` batched ``Jᵀ e_i`` products each; about 0.6 s for the DLG LeNet on a
-32x32 grayscale image on one CPU thread), then one ``J δ`` product per δ draw. Inputs larger than
-4,096 values switch to matrix-free conjugate gradients (much slower; keep ``num_samples`` small).
+matrix ``J Jᵀ`` (``d_x`` columns, formed many at a time by layer rules; about 0.6 s for the DLG
+LeNet on a 32x32 grayscale image on one CPU thread), then one ``J δ`` product per δ draw. Inputs
+larger than 4,096 values switch to matrix-free conjugate gradients preconditioned by the first
+layers' Gram matrix. The README's I2F section has the cost on common models, in training steps.
 Before training the monitor times one example (:func:`~lightning_privacy.leakage.estimate_cost`):
 if one example alone would take longer than ``max_seconds`` (120 s by default) it refuses with
-the fix (``num_samples=``, ``layers=``, a cheaper estimator); if ``num_samples`` would, it warns
-and each measurement stops starting new examples at the bound.
+the fix (``num_samples=``, ``layers=``, a cheaper estimator); if ``num_samples`` would, it warns.
+Each measurement stops at the bound: no example starts after it, the one running then is dropped,
+``leakage/examples`` logs how many were estimated (and a warning says so once).
 
 The user's module: the held-out batch, the call and the loss come from a
 :class:`~lightning_privacy.ModelAdapter`, as for ``InversionAudit`` (checked once before
@@ -109,8 +113,10 @@ class LeakageMonitor(GradientObserver):
         batch: The held-out batch, in any format the adapter unpacks; default: the first
             validation batch.
         estimator: A registered estimator (``lightning_privacy.leakage.list_estimators()``:
-            ``"exact"``, ``"expected"``, ``"lower_bound"``; see the module docs).
-        num_delta_samples: δ draws per example (``"exact"``, ``"lower_bound"``).
+            ``"exact"``, ``"approximate"``, ``"expected"``, ``"lower_bound"``; see the module
+            docs).
+        num_delta_samples: δ draws per example (``"exact"``, ``"approximate"``,
+            ``"lower_bound"``).
         max_predicted_psnr: Threshold in dB on the worst example's predicted PSNR, or ``None``.
         on_exceed: ``"warn"`` or ``"stop"`` when the threshold is passed.
         num_samples: Examples of the held-out batch to estimate (each one ``J Jᵀ`` assembly).
@@ -165,6 +171,7 @@ class LeakageMonitor(GradientObserver):
         self.data_range = check_float("data_range", data_range, low=0.0, low_open=True)
         self.last: LeakageEstimate | None = None
         self._warned_range = False
+        self._warned_budget = False
 
     def _defining_arguments(self) -> dict[str, Any]:
         return {
@@ -283,7 +290,19 @@ class LeakageMonitor(GradientObserver):
         self._publish(trainer, pl_module, {**metrics, "leakage/failed": 0.0}, on_step=on_step)
         self.history.append({"step": float(trainer.global_step), **metrics})
         self._check_range(estimate)
+        self._check_budget(estimate)
         self._check_threshold(trainer, estimate)
+
+    def _check_budget(self, estimate: LeakageEstimate) -> None:
+        if self._warned_budget or estimate.complete:
+            return
+        self._warned_budget = True
+        rank_zero_warn(
+            f"LeakageMonitor: max_seconds={self.max_seconds} ran out after "
+            f"{len(estimate.per_sample_i2f)} of {estimate.requested} examples; the logged values "
+            "cover those (leakage/examples). Pass a smaller num_samples, a cheaper estimator "
+            "('approximate') or a larger max_seconds."
+        )
 
     def _check_range(self, estimate: LeakageEstimate) -> None:
         if self._warned_range or not estimate.beyond_validated_range:

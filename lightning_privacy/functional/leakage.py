@@ -1106,7 +1106,9 @@ class PreconditionedGramSolver(GramSolver):
         tol: Preconditioned relative residual of the solves.
         max_iterations: Iteration cap per solve.
         lanczos_tol: Relative Ritz residual of ``λ_max``.
+        lanczos_iterations: Lanczos steps at most.
         deadline: ``time.perf_counter()`` value past which no iteration starts.
+        warn: Warn when a solve stops at ``max_iterations`` before ``tol``.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -1127,7 +1129,9 @@ class PreconditionedGramSolver(GramSolver):
     tol: float = 1e-6
     max_iterations: int | None = None
     lanczos_tol: float = 1e-6
+    lanczos_iterations: int = 64
     deadline: float | None = None
+    warn: bool = True
 
     @classmethod
     def build(
@@ -1169,7 +1173,7 @@ class PreconditionedGramSolver(GramSolver):
     def solve(self, rows: Tensor) -> GramSolution:
         """Batched preconditioned CG; warns when a solve stops before ``tol``."""
         run = self._solve(rows)
-        if not run.converged:
+        if self.warn and not run.converged:
             warnings.warn(
                 f"Preconditioned conjugate gradients stopped before tol={self.tol} (iterations "
                 f"{run.iterations}); the I2F is approximate. Raise `max_iterations`.",
@@ -1197,6 +1201,7 @@ class PreconditionedGramSolver(GramSolver):
         return lanczos_lambda_max(
             lambda v: self._matmul(v[None])[0],
             self.operator.input_dim,
+            max_iterations=self.lanczos_iterations,
             tol=self.lanczos_tol,
             generator=torch.Generator(device=device).manual_seed(self.lanczos_seed),
             device=device,

@@ -706,6 +706,23 @@ class GramProducts:
 
         return self._columns(chunk, 4 * self.chunk_size, deadline, None, "the preconditioner")
 
+    def prefix_columns(self, directions: Tensor, *, ratio: float = 2.0) -> Tensor:
+        """Rows ``J_S J_Sᵀ v`` of :meth:`prefix_gram` for the rows ``v`` of ``directions``.
+
+        Example:
+            >>> model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(),
+            ...                             torch.nn.Linear(8, 2))
+            >>> products = GramProducts(model, torch.randn(1, 3), torch.tensor([1]))
+            >>> products.prefix_columns(torch.eye(3)).shape
+            torch.Size([3, 3])
+        """
+        rows = directions.reshape(-1, self.input_dim).to(self.x0.dtype)
+        count = self.prefix_count(ratio)
+        if count == 0:
+            return torch.zeros(len(rows), self.input_dim, dtype=torch.float64)
+        self._prepare()
+        return self._gauss_newton_chunk(rows, count).detach().to(torch.float64)
+
     def agrees_with(
         self, jt: Callable[[Tensor], Tensor], *, tol: float = 1e-3, seed: int = 0
     ) -> bool:

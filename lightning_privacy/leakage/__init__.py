@@ -32,6 +32,7 @@ from lightning_privacy.leakage.base import (
     EstimationContext,
     LeakageEstimate,
     LeakageEstimator,
+    ProductCount,
     SampleEstimate,
     create_estimator,
     defense_delta,
@@ -41,6 +42,7 @@ from lightning_privacy.leakage.base import (
 from lightning_privacy.leakage.calibration import NoiseCalibration, calibrate_noise
 from lightning_privacy.leakage.cost import CostEstimate, estimate_cost
 from lightning_privacy.leakage.estimators import (
+    ApproximateI2F,
     ExactI2F,
     ExpectedI2F,
     LowerBound,
@@ -51,6 +53,7 @@ from lightning_privacy.leakage.estimators import (
 __all__ = [
     "ESTIMATORS",
     "VALIDATED_RELATIVE_PERTURBATION",
+    "ApproximateI2F",
     "CostEstimate",
     "EstimationContext",
     "ExactI2F",
@@ -64,6 +67,7 @@ __all__ = [
     "LowerBound",
     "LowerBoundResult",
     "NoiseCalibration",
+    "ProductCount",
     "SampleEstimate",
     "calibrate_noise",
     "create_estimator",

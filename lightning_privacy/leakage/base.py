@@ -55,6 +55,35 @@ from lightning_privacy.functional.leakage import (
 VALIDATED_RELATIVE_PERTURBATION = 0.06
 #: Lanczos steps budgeted for ``λ_max`` in the cost estimate (``lanczos_lambda_max``'s cap).
 LANCZOS_ITERATIONS = 64
+#: Preconditioned CG iterations budgeted per solve to ``tol=1e-6`` in the cost estimate (the
+#: models of ``benchmarks/i2f_scale.py`` need 40-100).
+PCG_ITERATIONS = 120
+
+
+@dataclass(frozen=True)
+class ProductCount:
+    """The ``J Jᵀ``-sized products one example needs, by how they are batched (for the cost).
+
+    Attributes:
+        columns: Columns ``J Jᵀ e_i`` formed in full batches (the dense assembly).
+        solves: Products in batches of the δ draws or probes (conjugate-gradient iterations).
+        single: Products one at a time (Lanczos on the operator, ``J δ``, plain CG).
+        prefix: Columns of the first layers' Gram matrix (the preconditioner; cheaper).
+
+    Example:
+        >>> ProductCount(columns=3072, single=4).total
+        3076
+    """
+
+    columns: int = 0
+    solves: int = 0
+    single: int = 0
+    prefix: int = 0
+
+    @property
+    def total(self) -> int:
+        """All products, whatever their batching."""
+        return self.columns + self.solves + self.single + self.prefix
 
 
 def defense_delta(
@@ -142,10 +171,14 @@ class EstimationContext:
         num_delta_samples: δ draws per example (and Hutchinson probes on the matrix-free path).
         damping: ``λ >= 0`` in ``(J Jᵀ + λ I)⁻¹``.
         generator: Source of the defense's randomness (and of the probes).
-        method: ``"dense"``, ``"cg"`` or ``"auto"`` (see :func:`~.functional.leakage.gram_solver`).
+        method: ``"dense"``, ``"pcg"``, ``"cg"`` or ``"auto"`` (see
+            :func:`~lightning_privacy.functional.leakage.gram_solver`).
         dense_limit: Largest input dimension for the dense path under ``"auto"``.
         data_range: Input value range for the predicted PSNR.
         example_index: Position of the example in its batch (seeds its Lanczos start vector).
+        deadline: ``time.perf_counter()`` value past which the solvers start no further batch of
+            products (they raise ``MeasurementTimeoutError``; ``estimate_leakage`` keeps the
+            examples finished before).
 
     Example:
         >>> op = LeakageOperator(torch.nn.Linear(3, 2), torch.randn(1, 3), torch.tensor([0]))
@@ -163,6 +196,18 @@ class EstimationContext:
     dense_limit: int = 4096
     data_range: float = 1.0
     example_index: int = 0
+    deadline: float | None = None
+
+    def resolved_method(self, input_dim: int) -> str:
+        """The method an example of ``input_dim`` values gets (``"auto"`` resolved).
+
+        Example:
+            >>> EstimationContext(dense_limit=10).resolved_method(11)
+            'pcg'
+        """
+        if self.method == "auto":
+            return "dense" if input_dim <= self.dense_limit else "pcg"
+        return self.method
 
     def uses_dense_path(self, input_dim: int) -> bool:
         """Whether an example of ``input_dim`` values is assembled densely (see ``method``).
@@ -171,7 +216,7 @@ class EstimationContext:
             >>> EstimationContext(dense_limit=10).uses_dense_path(11)
             False
         """
-        return self.method == "dense" or (self.method == "auto" and input_dim <= self.dense_limit)
+        return self.resolved_method(input_dim) == "dense"
 
     def defended_indices(self, op: LeakageOperator) -> list[int]:
         """The indices in ``op.names`` of the parameters the transforms act on.
@@ -241,7 +286,7 @@ class EstimationContext:
             >>> op = LeakageOperator(torch.nn.Linear(3, 2), torch.randn(1, 3), torch.tensor([0]))
             >>> context = EstimationContext(dense_limit=2)
             >>> context.gram_solver(op).method, context.gram_solver(op, method="dense").method
-            ('cg', 'dense')
+            ('pcg', 'dense')
         """
         return gram_solver(
             op,
@@ -251,6 +296,7 @@ class EstimationContext:
             lanczos_seed=self.example_index,
             num_probes=self.num_delta_samples,
             generator=self.generator,
+            deadline=self.deadline,
         )
 
     def sample_estimate(
@@ -319,20 +365,27 @@ class LeakageEstimator(ABC):
     def estimate(self, op: LeakageOperator, context: EstimationContext) -> SampleEstimate:
         """Estimate the example whose operator is ``op``."""
 
-    def products(self, input_dim: int, context: EstimationContext) -> int:
-        """``Jᵀ v``-sized products one example needs (for the cost estimate before training).
+    def products(self, input_dim: int, context: EstimationContext) -> ProductCount:
+        """The ``J Jᵀ``-sized products one example needs (for the cost estimate before training).
 
-        Dense path: the ``d_x`` rows of ``J`` plus the draws; matrix-free: Lanczos and, per draw,
-        conjugate gradients of at most ``min(d_x, 200)`` iterations (two products each).
+        Dense path: the ``d_x`` columns plus one ``J δ`` per draw; ``"pcg"``: the preconditioner's
+        columns, :data:`PCG_ITERATIONS` batched iterations per draw and Lanczos; ``"cg"``:
+        Lanczos and, per draw, at most ``min(d_x, 200)`` iterations.
 
         Example:
             >>> from lightning_privacy.leakage import create_estimator
             >>> create_estimator("exact").products(64, EstimationContext(num_delta_samples=4))
-            68
+            ProductCount(columns=64, solves=0, single=4, prefix=0)
         """
-        if context.uses_dense_path(input_dim):
-            return input_dim + context.num_delta_samples
-        return 2 * LANCZOS_ITERATIONS + context.num_delta_samples * 2 * min(input_dim, 200)
+        draws = context.num_delta_samples
+        method = context.resolved_method(input_dim)
+        if method == "dense":
+            return ProductCount(columns=input_dim, single=draws)
+        if method == "pcg":
+            return ProductCount(
+                prefix=input_dim, solves=PCG_ITERATIONS * draws, single=LANCZOS_ITERATIONS + draws
+            )
+        return ProductCount(single=LANCZOS_ITERATIONS + draws * (1 + min(input_dim, 200)))
 
 
 ESTIMATORS: Registry[LeakageEstimator] = Registry("estimator")
@@ -358,7 +411,7 @@ def list_estimators() -> list[str]:
 
     Example:
         >>> list_estimators()
-        ['exact', 'expected', 'lower_bound']
+        ['approximate', 'exact', 'expected', 'lower_bound']
     """
     return ESTIMATORS.names()
 
@@ -380,6 +433,7 @@ class LeakageEstimate:
             Above :data:`VALIDATED_RELATIVE_PERTURBATION` the estimate is not calibrated.
         per_class_predicted_psnr: ``{class: mean predicted PSNR}``.
         lanczos: One :class:`LanczosResult` per example (``λ_max`` iterations and convergence).
+        requested: Examples asked for (more than were estimated when ``max_seconds`` ran out).
 
     Example:
         >>> run = LanczosResult(value=2.0, iterations=3, converged=True, residual=0.0)
@@ -399,10 +453,16 @@ class LeakageEstimate:
     relative_perturbation: Tensor
     per_class_predicted_psnr: dict[int, float] = field(default_factory=dict)
     lanczos: tuple[LanczosResult, ...] = ()
+    requested: int | None = None
 
     @classmethod
     def from_samples(
-        cls, estimator: str, samples: Sequence[SampleEstimate], targets: Tensor
+        cls,
+        estimator: str,
+        samples: Sequence[SampleEstimate],
+        targets: Tensor,
+        *,
+        requested: int | None = None,
     ) -> LeakageEstimate:
         """Assemble the batch result from one :class:`SampleEstimate` per example of ``targets``.
 
@@ -432,7 +492,21 @@ class LeakageEstimate:
                 int(c): float(psnr[labels == c].mean()) for c in sorted(set(classes))
             },
             lanczos=tuple(s.lanczos for s in samples),
+            requested=requested,
         )
+
+    @property
+    def complete(self) -> bool:
+        """Whether every example asked for was estimated (``False``: ``max_seconds`` ran out).
+
+        Example:
+            >>> run = LanczosResult(value=2.0, iterations=3, converged=True, residual=0.0)
+            >>> samples = [SampleEstimate(0.1, 0.05, run, 0.01, 30.0)]
+            >>> LeakageEstimate.from_samples("exact", samples, torch.tensor([0]),
+            ...                              requested=4).complete
+            False
+        """
+        return self.requested is None or len(self.per_sample_i2f) >= self.requested
 
     @property
     def beyond_validated_range(self) -> bool:
