@@ -1,12 +1,14 @@
 """A sweep of 3 trials that sleep, for the interrupt, kill and lock tests.
 
 ``python sweep_script.py OUT`` runs it in ``OUT`` (one worker; each trial writes its pid to
-``OUT/pids/<trial_id>`` and sleeps ``TRIAL_SECONDS``, default 60, before storing its result).
+``OUT/pids/<trial_id>`` and sleeps ``TRIAL_SECONDS``, default 60, before storing its result;
+on Ctrl-C it does what Lightning's Trainer does: ignores further Ctrl-C and exits with 1).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,7 +24,11 @@ def slow_trial(spec, out):
     pids = Path(out) / "pids"
     pids.mkdir(exist_ok=True)
     (pids / trial.trial_id).write_text(str(os.getpid()))
-    time.sleep(float(os.environ.get("TRIAL_SECONDS", "60")))
+    try:
+        time.sleep(float(os.environ.get("TRIAL_SECONDS", "60")))
+    except KeyboardInterrupt:  # what Lightning's Trainer does on Ctrl-C: shut down, exit(1),
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # and ignore any further Ctrl-C
+        sys.exit(1)
     result = TrialResult.finished(trial, val_acc=0.5)
     write_result(out, result)
     return result.to_dict()
