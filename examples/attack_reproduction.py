@@ -137,6 +137,8 @@ def defended_runs(args) -> None:
                 continue
             if ("DLG" if attack_name == "DLG" else "ig") not in args.defended_attacks.split(","):
                 continue
+            if ("resnet" if model is resnet else "lenet") not in args.defended_models.split(","):
+                continue
             start = time.perf_counter()
             rec = attack.reconstruct(
                 model, defended(g, defense), input_shape=shape, num_samples=1, generator=gen(0)
@@ -231,6 +233,7 @@ def main() -> None:
     parser.add_argument("--dlg-iterations", type=int, default=300)
     parser.add_argument("--sections", default="dlg,idlg,closed,defended")
     parser.add_argument("--defended-attacks", default="DLG,ig", help="rows of the defended table")
+    parser.add_argument("--defended-models", default="lenet,resnet", help="its models")
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.dlg_images, args.idlg_cases, args.token_batches = 5, 50, 5
