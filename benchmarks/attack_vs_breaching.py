@@ -396,6 +396,10 @@ def ig_section(args, have_breaching: bool) -> None:
     # the first image of the costly model first, then the cheap model, then the rest
     first, *rest = [(IG_MODELS[-1], i) for i in range(args.images)]
     cases = [first, *((m, i) for m in IG_MODELS[:-1] for i in range(args.images)), *rest]
+    if args.only:  # e.g. "ResNet:1,2": a subset of the cases, for a second concurrent run
+        name, _, picks = args.only.partition(":")
+        wanted = {int(i) for i in picks.split(",")} if picks else set(range(args.images))
+        cases = [(m, i) for m, i in cases if name in m and i in wanted]
     results: dict = {}
     curves: dict = {}
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
@@ -417,6 +421,8 @@ def ig_section(args, have_breaching: bool) -> None:
     worst: dict[str, float] = {}
     for model_name in IG_MODELS:
         for index in range(args.images):
+            if (model_name, index) not in results:
+                continue
             cells = results[(model_name, index)]
             table.add_row(*cells)
             if len(cells) > 6:
@@ -457,6 +463,11 @@ def plot_curves(curves: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    import json
+    from pathlib import Path
+
+    data = [{"model": m, "method": k, "lines": lines} for (m, k), lines in curves.items()]
+    Path(path).with_suffix(".json").write_text(json.dumps(data))
 
 
 def main() -> None:
@@ -470,6 +481,7 @@ def main() -> None:
     parser.add_argument("--fast-iterations", type=int, default=None, help="cap ours (smoke)")
     parser.add_argument("--curve", default="docs/ig_time_to_quality.png", help="PNG ('' = none)")
     parser.add_argument("--jobs", type=int, default=1, help="IG images measured at a time")
+    parser.add_argument("--only", default="", help="cases MODEL[:i,j], e.g. ResNet:1,2")
     parser.add_argument(
         "--stop-at-target",
         default="",
