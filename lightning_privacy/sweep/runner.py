@@ -152,7 +152,8 @@ def _run_local(
     terminated before it propagates; nothing queued starts.
     """
     context = multiprocessing.get_context("spawn")
-    queue, running = list(pending), []
+    queue: list[TrialSpec] = list(pending)
+    running: list[_Worker] = []
     try:
         while queue or running:
             while queue and len(running) < workers:
