@@ -58,7 +58,11 @@ from torch.func import functional_call, grad, vjp, vmap
 
 from lightning_privacy._validation import check_float, check_int
 from lightning_privacy.functional.gradients import LossFn, select_parameters
-from lightning_privacy.functional.leakage_products import GramProducts, MeasurementTimeoutError
+from lightning_privacy.functional.leakage_products import (
+    PREFIX_RATIO,
+    GramProducts,
+    MeasurementTimeoutError,
+)
 
 Delta = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 
@@ -1138,7 +1142,7 @@ class PreconditionedGramSolver(GramSolver):
         cls,
         op: LeakageOperator,
         *,
-        ratio: float = 2.0,
+        ratio: float = PREFIX_RATIO,
         deadline: float | None = None,
         **kwargs: Any,
     ) -> PreconditionedGramSolver:

@@ -45,6 +45,7 @@ from lightning_privacy.functional.leakage import (
     MeasurementTimeoutError,
     PreconditionedGramSolver,
 )
+from lightning_privacy.functional.leakage_products import PREFIX_RATIO
 from lightning_privacy.leakage.base import (
     ESTIMATORS,
     LANCZOS_ITERATIONS,
@@ -287,7 +288,7 @@ class ApproximateI2F(LeakageEstimator):
 
     tol: float = 3e-2
     max_iterations: int = 48
-    prefix_ratio: float = 2.0
+    prefix_ratio: float = PREFIX_RATIO
     lanczos_tol: float = 1e-3
 
     def __post_init__(self) -> None:
