@@ -217,6 +217,10 @@ def _gone_within(pid: int, seconds: float) -> bool:
     return not _running(pid)
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_issue14_item7_ctrl_c_stops_the_sweep_and_its_worker_at_once(tmp_path):
     """Item 7: Ctrl-C ran the queued trial to the end (8.9 s) before the sweep exited: Lightning
@@ -233,6 +237,10 @@ def test_issue14_item7_ctrl_c_stops_the_sweep_and_its_worker_at_once(tmp_path):
         cwd=REPO,
         env=env,
         start_new_session=True,
+        # SIGINT at its default in the sweep, as in a terminal, even when this pytest worker
+        # ignores it: Lightning sets SIG_IGN after a KeyboardInterrupt in any earlier test's fit,
+        # and an ignored signal is inherited by children (the sweep then never sees Ctrl-C).
+        preexec_fn=_default_sigint,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
