@@ -445,7 +445,31 @@ def estimate_leakage(
         deadline=deadline,
     )
     component.check_defense(context.transforms)
+    samples = _estimate_each(component, context, model, inputs, targets, loss_fn, layers, progress)
+    if not samples:  # only a deadline empties it
+        raise TimeoutError(
+            f"No example finished within max_seconds={max_seconds}: one example of this model "
+            "needs more (see estimate_cost); raise max_seconds or use a cheaper estimator "
+            "('approximate', or 'lower_bound' for a bound)."
+        )
+    return LeakageEstimate.from_samples(
+        name, samples, targets[: len(samples)], requested=len(inputs)
+    )
+
+
+def _estimate_each(
+    component: LeakageEstimator,
+    context: EstimationContext,
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    loss_fn: LossFn,
+    layers: str | Sequence[str] | None,
+    progress: Callable[[int, int], None] | None,
+) -> list[SampleEstimate]:
+    """One estimate per example, in order, until the context's deadline (none started after it)."""
     samples: list[SampleEstimate] = []
+    deadline = context.deadline
     for i in range(len(inputs)):
         if samples and deadline is not None and time.perf_counter() > deadline:
             break
@@ -454,19 +478,11 @@ def estimate_leakage(
                 model, inputs[i : i + 1], targets[i : i + 1], loss_fn=loss_fn, layers=layers
             )
             samples.append(component.estimate(op, replace(context, example_index=i)))
-        except MeasurementTimeoutError as err:
-            if not samples:
-                raise TimeoutError(
-                    f"No example finished within max_seconds={max_seconds} ({err}): one example "
-                    f"of this model needs more (see estimate_cost); raise max_seconds or use a "
-                    "cheaper estimator ('approximate', or 'lower_bound' for a bound)."
-                ) from err
+        except MeasurementTimeoutError:
             break
         if progress is not None:
             progress(len(samples), len(inputs))
-    return LeakageEstimate.from_samples(
-        name, samples, targets[: len(samples)], requested=len(inputs)
-    )
+    return samples
 
 
 def _estimator(estimator: str | LeakageEstimator) -> tuple[str, LeakageEstimator]:
