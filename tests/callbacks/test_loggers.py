@@ -9,6 +9,7 @@ import io
 import json
 import os
 import stat
+import time
 import warnings
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -134,6 +135,26 @@ def _wandb_records(path):
             yield record
 
 
+def _wandb_history(run_file, seconds=60.0):
+    """The history rows of an offline run file, once wandb's service has written them.
+
+    ``wandb.finish()`` returns before its separate writer process has always flushed the file on
+    a loaded machine (an empty history was read in one of three full-suite runs); poll until the
+    rows stop changing.
+    """
+    deadline, previous = time.monotonic() + seconds, None
+    while True:
+        history = [
+            {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
+            for r in _wandb_records(run_file)
+            if r.WhichOneof("record_type") == "history"
+        ]
+        if (history and history == previous) or time.monotonic() > deadline:
+            return history
+        previous = history
+        time.sleep(0.5)
+
+
 def test_wandb_offline_run_has_scalars_and_a_media_image(
     fast_trainer_kwargs, tmp_path, monkeypatch
 ):
@@ -154,11 +175,7 @@ def test_wandb_offline_run_has_scalars_and_a_media_image(
         wandb.finish()
     (run_dir,) = (tmp_path / "dir" / "wandb").glob("offline-run-*")
     (run_file,) = run_dir.glob("run-*.wandb")
-    history = [
-        {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
-        for r in _wandb_records(run_file)
-        if r.WhichOneof("record_type") == "history"
-    ]
+    history = _wandb_history(run_file)
     psnr = [row for row in history if "attack/psnr" in row]
     assert [row["trainer/global_step"] for row in psnr] == [1, 2]
     grids = [row for row in history if "attack/reconstruction/filenames" in row]
