@@ -307,3 +307,15 @@ def test_matrix_free_solver_warns_when_cg_stops_early(setup):
     with pytest.warns(UserWarning, match="Conjugate gradients stopped before tol"):
         res = i2f(model, x, y, delta, method="cg", max_iterations=2)
     assert res.method == "cg" and not res.converged and res.iterations == (2,)
+
+
+def test_issue14_item10_a_nan_model_is_named_as_nan_not_as_a_detached_input():
+    # Before 8dc7662 a NaN weight reached the zero-Jacobian check and was reported as
+    # "∇ₓ∇_θ L is zero (the inputs are detached ...)", pointing the user at the wrong cause.
+    net = tiny_net()
+    with torch.no_grad():
+        net[0].weight[0, 0, 0, 0] = float("nan")
+    x = torch.rand(1, 1, 8, 8, dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match="NaN or inf") as caught:
+        LeakageOperator(net, x, torch.tensor([1]))
+    assert "detached" not in str(caught.value)
