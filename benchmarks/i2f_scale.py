@@ -21,7 +21,7 @@ Estimators (``lightning_privacy.leakage.estimate_leakage``):
   are slow on CPU).
 * ``exact (PCG)``: ``estimator="exact", method="pcg"``: conjugate gradients to ``tol=1e-6``,
   preconditioned by the first layers' Gram matrix; error and Spearman against exact (dense).
-* ``approximate``: ``estimator="approximate"`` (the same, stopped at ``tol=3e-2``).
+* ``approximate``: ``estimator="approximate"`` (the same, stopped at ``tol=1e-1``).
 
 On the 3x64x64 input (12,288 values) exact (dense) runs on ``--dense-examples-64`` examples only
 (each is ``d_x`` = 12,288 columns); there exact (PCG) is the reference of the 10-example
