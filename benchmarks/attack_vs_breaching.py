@@ -24,6 +24,11 @@ Usage: ``python benchmarks/attack_vs_breaching.py [--quick] [--faces 5] [--image
 [--skip-dlg] [--ig-iterations 2000] [--curve docs/ig_time_to_quality.png]`` (the full run takes
 about an hour on one thread, most of it Breaching on ResNet-18; ``--jobs 4`` measures four
 images at a time, each in its own single-threaded process).
+
+``--device cuda``: models, images and gradients on the GPU for both sides (Breaching's
+``setup`` gets that device; ours runs under ``with torch.device("cuda")`` with a CUDA generator,
+so its random starts are drawn there), each time point taken after ``torch.cuda.synchronize``;
+the tables are the same and name the GPU.
 """
 
 from __future__ import annotations
@@ -49,6 +54,20 @@ from lightning_privacy.metrics import reconstruction_metrics
 from lightning_privacy.models import LeNetDLG, resnet18_cifar
 
 console = Console(width=140)
+CPU = torch.device("cpu")
+
+
+def sync(device: torch.device) -> None:
+    """Waits for queued GPU work before a time point (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def where(device: torch.device) -> str:
+    """``one CPU thread``, or the GPU's name, for titles and axis labels."""
+    if device.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(device)}"
+    return "one CPU thread"
 
 
 class _Meta(dict):
@@ -91,6 +110,7 @@ class _BestTrace:
     def step(self, candidate: torch.Tensor) -> None:
         if self.best_x is None or self.last < self.best:
             self.best, self.best_x = min(self.best, self.last), candidate.detach().clone()
+        sync(candidate.device)
         self.points.append((time.perf_counter() - self.started, self.best_x))
 
 
@@ -104,6 +124,7 @@ def breaching_attack(
     seed: int,
     num_samples: int = 1,
     trace: bool = False,
+    device: torch.device | None = None,
 ):
     """Run Breaching's preset ``name`` on our gradient.
 
@@ -115,7 +136,8 @@ def breaching_attack(
     logging.getLogger("breaching").setLevel(logging.WARNING)
     overrides = [] if iterations is None else [f"optim.max_iterations={iterations}"]
     cfg = breaching.get_attack_config(name, overrides=overrides)
-    setup = dict(device=torch.device("cpu"), dtype=torch.float)
+    device = device or torch.device("cpu")
+    setup = dict(device=device, dtype=torch.float)
     attacker = breaching.attacks.prepare_attack(model, torch.nn.CrossEntropyLoss(), cfg, setup)
     meta = _Meta(shape=tuple(shape), modality="vision", task="classification", classes=classes)
     payload = [
@@ -134,10 +156,12 @@ def breaching_attack(
     ]
     torch.manual_seed(seed)
     tracer = _BestTrace(attacker) if trace else None
+    sync(device)
     start = time.perf_counter()
     if tracer is not None:
         tracer.started = start
     rec, _ = attacker.reconstruct(payload, shared, {}, dryrun=False)
+    sync(device)
     seconds = time.perf_counter() - start
     labels = rec["labels"]
     labels = labels.argmax(-1) if labels.dim() > 1 else labels
@@ -147,7 +171,9 @@ def breaching_attack(
 
 
 def row(table: Table, case: str, ours, theirs, truth) -> tuple[float, float]:
-    x, y = truth
+    x, y = (t.cpu() for t in truth)
+    ours = (ours[0].cpu(), ours[1].cpu(), ours[2])
+    theirs = None if theirs is None else (theirs[0].cpu(), theirs[1].cpu(), theirs[2])
     s_ours = reconstruction_metrics(ours[0], (x, y))
     s_ours["label_acc"] = float(ours[1].reshape(-1)[0] == y[0])
     if theirs is None:
@@ -194,32 +220,44 @@ def new_table(title: str) -> Table:
 
 
 def dlg_section(args, have_breaching: bool) -> None:
+    device = torch.device(args.device)
     faces, labels = load_lfw_tensors(image_size=32, channels=1)
+    faces, labels = faces.to(device), labels.to(device)
     picks = [0, 17, 35, 52, 71][: args.faces]
     table = new_table(
         f"DLG, LeNet U(-0.5, 0.5), LFW faces 32 px, labels not given, "
-        f"budget {args.dlg_iterations} L-BFGS steps"
+        f"budget {args.dlg_iterations} L-BFGS steps, {where(device)}"
     )
     ours_total = theirs_total = 0.0
     ours_dlg = DeepLeakage(max_iterations=args.dlg_iterations // 4, restarts=4)
     for i in picks:
         torch.manual_seed(1234)
-        model = LeNetDLG(num_classes=100, channels=1, image_size=32, init="uniform")
+        model = LeNetDLG(num_classes=100, channels=1, image_size=32, init="uniform").to(device)
         x, y = faces[i : i + 1], labels[i : i + 1]
         grads = observed_gradients_of(model, x, y)
+        sync(device)
         start = time.perf_counter()
-        rec = ours_dlg.reconstruct(
-            model,
-            grads,
-            input_shape=(1, 32, 32),
-            num_samples=1,
-            generator=torch.Generator().manual_seed(args.seed),
-        )
+        with torch.device(device):  # our dummies on the model's device
+            rec = ours_dlg.reconstruct(
+                model,
+                grads,
+                input_shape=(1, 32, 32),
+                num_samples=1,
+                generator=torch.Generator(device=device).manual_seed(args.seed),
+            )
+        sync(device)
         ours = (rec.inputs, rec.labels, time.perf_counter() - start)
         theirs = None
         if have_breaching:
             theirs = breaching_attack(
-                "deepleakage", model, grads, (1, 32, 32), 100, args.dlg_iterations, args.seed
+                "deepleakage",
+                model,
+                grads,
+                (1, 32, 32),
+                100,
+                args.dlg_iterations,
+                args.seed,
+                device=device,
             )
         a, b = row(table, f"face {i}", ours, theirs, (x, y))
         ours_total, theirs_total = ours_total + a, theirs_total + b
@@ -229,10 +267,10 @@ def dlg_section(args, have_breaching: bool) -> None:
         console.print(table)
 
 
-def ig_victim(model_name: str, index: int):
-    """``(model, x, y, gradient, classes)`` for one photo patch."""
+def ig_victim(model_name: str, index: int, device: torch.device):
+    """``(model, x, y, gradient, classes)`` for one photo patch, all on ``device``."""
     patches, labels = load_photo_patches(image_size=32, channels=3, patches_per_photo=1)
-    x, y = patches[index : index + 1], labels[index : index + 1]
+    x, y = patches[index : index + 1].to(device), labels[index : index + 1].to(device)
     if model_name == "ResNet-18 (eval)":
         torch.manual_seed(0)
         model, classes = resnet18_cifar(num_classes=10, channels=3).eval(), 10
@@ -240,6 +278,7 @@ def ig_victim(model_name: str, index: int):
         torch.manual_seed(1234)
         model = LeNetDLG(num_classes=100, channels=3, image_size=32, init="uniform")
         classes = 100
+    model = model.to(device)
     return model, x, y, observed_gradients_of(model, x, y), classes
 
 
@@ -254,25 +293,30 @@ def ours_ig(attack: InvertingGradients, model, grads, seed: int, truth=None, tar
     (the check costs microseconds per step); ``labels`` is then ``None``.
     """
     points: list[tuple[float, torch.Tensor]] = []
+    device = grads[0].device
+    sync(device)
     start = time.perf_counter()
 
     def trace(step: int, objective: float, inputs: torch.Tensor) -> None:
+        sync(device)
         points.append((time.perf_counter() - start, inputs))
         if target is not None and psnr_curve(points[-1:], truth)[0][1] >= target:
             raise _ReachedTargetError
 
     try:
-        rec = inverting_gradients(
-            model,
-            grads,
-            input_shape=(3, 32, 32),
-            num_samples=1,
-            generator=torch.Generator().manual_seed(seed),
-            callback=trace,
-            **attack.options(),
-        )
+        with torch.device(device):  # the dummies on the model's device
+            rec = inverting_gradients(
+                model,
+                grads,
+                input_shape=(3, 32, 32),
+                num_samples=1,
+                generator=torch.Generator(device=device).manual_seed(seed),
+                callback=trace,
+                **attack.options(),
+            )
     except _ReachedTargetError:
         return points[-1][1], None, points[-1][0], points, True
+    sync(device)
     seconds = time.perf_counter() - start
     return rec.inputs, rec.labels, seconds, [*points, (seconds, rec.inputs)], False
 
@@ -294,14 +338,16 @@ def time_to(curve: list[tuple[float, float]], psnr: float) -> float:
 IG_MODELS = ("LeNet (sigmoid, RGB)", "ResNet-18 (eval)")
 
 
-def warm_up(have_breaching: bool, models=IG_MODELS) -> None:
+def warm_up(have_breaching: bool, models=IG_MODELS, device=CPU) -> None:
     """One 3-step run of each side per model, so no first-call cost lands in a measurement."""
     for model_name in models:
-        model, x, _, grads, classes = ig_victim(model_name, 0)
+        model, x, _, grads, classes = ig_victim(model_name, 0, device)
         ours_ig(InvertingGradients.fast(max_iterations=3), model, grads, 0, x, 99.0)
         ours_ig(InvertingGradients(max_iterations=3), model, grads, 0)
         if have_breaching:
-            breaching_attack("invertinggradients", model, grads, (3, 32, 32), classes, 3, 0)
+            breaching_attack(
+                "invertinggradients", model, grads, (3, 32, 32), classes, 3, 0, device=device
+            )
 
 
 IG_COLUMNS = (
@@ -324,7 +370,8 @@ def ig_case(args, model_name: str, index: int, have_breaching: bool, curves: dic
     reaches Breaching's final PSNR (its time to quality; its own final PSNR and run time are then
     not measured).
     """
-    model, x, y, grads, classes = ig_victim(model_name, index)
+    device = torch.device(args.device)
+    model, x, y, grads, classes = ig_victim(model_name, index, device)
     stop = have_breaching and any(k and k in model_name for k in args.stop_at_target.split(","))
     theirs = None
     if have_breaching:
@@ -337,10 +384,13 @@ def ig_case(args, model_name: str, index: int, have_breaching: bool, curves: dic
             args.ig_iterations,
             args.seed,
             trace=True,
+            device=device,
         )
         label = f"Breaching, {args.ig_iterations} it."
         curves.setdefault((model_name, label), []).append(psnr_curve(theirs[3], x))
-    target = reconstruction_metrics(theirs[0], x)["psnr"] if theirs is not None else None
+    target = (
+        reconstruction_metrics(theirs[0].cpu(), x.cpu())["psnr"] if theirs is not None else None
+    )
     fast_options = {} if args.fast_iterations is None else {"max_iterations": args.fast_iterations}
     fast = ours_ig(
         InvertingGradients.fast(**fast_options),
@@ -358,7 +408,8 @@ def ig_case(args, model_name: str, index: int, have_breaching: bool, curves: dic
         curves.setdefault(key, []).append(psnr_curve(paper[3], x))
     labels = fast[1] if fast[1] is not None else restore_labels(model, grads, 1)
     ours_label = "yes" if int(labels[0]) == int(y[0]) else "no"
-    ours_psnr = "stopped" if fast[4] else f"{reconstruction_metrics(fast[0], x)['psnr']:.2f}"
+    psnr = "" if fast[4] else f"{reconstruction_metrics(fast[0].cpu(), x.cpu())['psnr']:.2f}"
+    ours_psnr = psnr or "stopped"
     ours_run = "stopped" if fast[4] else f"{fast[2]:.1f}"
     if theirs is None or target is None:
         return [f"{model_name}, patch {index}", "n/a", "n/a", ours_psnr, ours_run]
@@ -379,7 +430,7 @@ def ig_case(args, model_name: str, index: int, have_breaching: bool, curves: dic
 def _run_case(args, model_name: str, index: int, have_breaching: bool) -> tuple[list, dict]:
     """One image in a fresh worker: warm up on that model, then both attacks traced."""
     torch.set_num_threads(1)
-    warm_up(have_breaching, models=(model_name,))
+    warm_up(have_breaching, models=(model_name,), device=torch.device(args.device))
     curves: dict = {}
     return ig_case(args, model_name, index, have_breaching, curves), curves
 
@@ -411,10 +462,11 @@ def ig_section(args, have_breaching: bool) -> None:
                 curves.setdefault(key, []).extend(lines)
             console.print(" | ".join(cells), style="dim")
             if args.curve:
-                plot_curves(curves, args.curve)
+                plot_curves(curves, args.curve, where(torch.device(args.device)))
     table = Table(
         title=f"Inverting Gradients, time to quality: Breaching's preset at {args.ig_iterations} "
-        "iterations vs InvertingGradients.fast(), 32 px patches, labels not given"
+        "iterations vs InvertingGradients.fast(), 32 px patches, labels not given, "
+        + where(torch.device(args.device))
     )
     for col in IG_COLUMNS:
         table.add_column(col, justify="right")
@@ -437,7 +489,7 @@ def ig_section(args, have_breaching: bool) -> None:
         console.print(f"curves: {args.curve}")
 
 
-def plot_curves(curves: dict, path: str) -> None:
+def plot_curves(curves: dict, path: str, device: str = "one CPU thread") -> None:
     """PSNR against wall time, one panel per model, one colour per method, one line per image."""
     import matplotlib
 
@@ -455,7 +507,7 @@ def plot_curves(curves: dict, path: str) -> None:
             ax.plot(ts, ps, color=colour, alpha=0.85, lw=1.2, label=method if k == 0 else None)
         ax.set_title(model)
         ax.set_xscale("log")
-        ax.set_xlabel("wall time (s, one CPU thread)")
+        ax.set_xlabel(f"wall time (s, {device})")
         ax.set_ylabel("PSNR of the kept iterate (dB)")
         ax.grid(alpha=0.3)
     for ax in axes[0]:
@@ -488,7 +540,10 @@ def main() -> None:
         help="models (e.g. ResNet) whose run of ours stops at Breaching's final PSNR",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu or cuda")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here (the default is cpu)")
     torch.set_num_threads(1)
     if args.quick:
         args.faces, args.images, args.dlg_iterations, args.ig_iterations = 1, 1, 60, 20

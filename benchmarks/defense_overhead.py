@@ -14,10 +14,16 @@ Part 2 (2 CPU processes, gloo): the same model under DDP, default all-reduce (no
 vs ``GradientDefense(placement="local")`` (our comm hook), fits alternating in one launch,
 per-rank batch 32 (global 64). Ratios of the median step time of rank 0.
 
+With ``--device cuda`` part 1 runs on one GPU (``accelerator="gpu"``, each timing point after
+``torch.cuda.synchronize``) and part 2 on every GPU present, one process each, over NCCL
+(per-rank batch 32; skipped, with the reason printed, on fewer than 2 GPUs). There "ms in
+defense" of the comm hook is host time: synchronising inside the hook would serialise backward.
+
 Usage::
 
-    python benchmarks/defense_overhead.py            # full run (several minutes on CPU)
-    python benchmarks/defense_overhead.py --quick    # smoke run (batch 8, few steps)
+    python benchmarks/defense_overhead.py                  # full run (several minutes on CPU)
+    python benchmarks/defense_overhead.py --quick          # smoke run (batch 8, few steps)
+    python benchmarks/defense_overhead.py --device cuda    # the same tables on GPUs
 """
 
 from __future__ import annotations
@@ -77,6 +83,17 @@ TARGETS = {
 }
 
 
+def sync(device: str) -> None:
+    """Waits for the GPU's queued work, so a timing point sees it finished (no-op on CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def device_label(device: str) -> str:
+    """``cpu``, or ``cuda (NVIDIA ...)`` with the name of the GPU in use."""
+    return f"cuda ({torch.cuda.get_device_name()})" if device == "cuda" else "cpu"
+
+
 class Classifier(L.LightningModule):
     def __init__(self):
         super().__init__()
@@ -94,7 +111,8 @@ class Classifier(L.LightningModule):
 class Interleaved(L.Callback):
     """Forwards to one GradientDefense per step (cycling through them) and times every step."""
 
-    def __init__(self, configs, rounds, warmup, seed=0):
+    def __init__(self, configs, rounds, warmup, seed=0, device="cpu"):
+        self.device = device
         self.defenses = {
             name: None
             if t is None
@@ -125,6 +143,11 @@ class Interleaved(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         self._all("on_train_start", trainer, pl_module)
+        # Each defense sees only its own steps here; its raw-step guard would refuse the others
+        # (they are steps of the same Trainer, defended by another defense or by none).
+        for d in self.defenses.values():
+            if d is not None:
+                d._guard.detach()
 
     def teardown(self, trainer, pl_module, stage):
         self._all("teardown", trainer, pl_module, stage)
@@ -133,6 +156,7 @@ class Interleaved(L.Callback):
         return self.defenses[self.schedule[self.step]]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        sync(self.device)
         self.t0 = time.perf_counter()
         active = self._active()
         if active is not None:  # starts the background draw of the step's noise
@@ -140,15 +164,18 @@ class Interleaved(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         active = self._active()
+        sync(self.device)
         t0 = time.perf_counter()
         if active is not None:
             active.on_before_optimizer_step(trainer, pl_module, optimizer)
+        sync(self.device)
         self.defense_dt = time.perf_counter() - t0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         active = self._active()
         if active is not None:
             active.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        sync(self.device)
         dt = time.perf_counter() - self.t0
         if self.step >= self.warmup:
             self.times[self.schedule[self.step]].append(dt)
@@ -163,9 +190,9 @@ def loader(n, batch_size, size):
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 
 
-def trainer_kwargs(**kw):
+def trainer_kwargs(device="cpu", **kw):
     return dict(
-        accelerator="cpu",
+        accelerator="gpu" if device == "cuda" else "cpu",
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -175,17 +202,21 @@ def trainer_kwargs(**kw):
     )
 
 
-def single_process(batch_size, rounds, warmup):
-    timer = Interleaved(CONFIGS, rounds=rounds, warmup=warmup)
+def single_process(batch_size, rounds, warmup, device="cpu"):
+    timer = Interleaved(CONFIGS, rounds=rounds, warmup=warmup, device=device)
     steps = len(timer.schedule)
-    trainer = L.Trainer(devices=1, max_steps=steps, callbacks=[timer], **trainer_kwargs())
+    kwargs = trainer_kwargs(device)
+    trainer = L.Trainer(devices=1, max_steps=steps, callbacks=[timer], **kwargs)
     trainer.fit(Classifier(), loader(steps * batch_size, batch_size, 32))
     return timer.times, timer.defense_times
 
 
-def ddp_worker(out, batch_size, rounds, steps):
-    """Runs in 2 processes (Lightning relaunches this script with the same arguments)."""
+def ddp_worker(out, batch_size, rounds, steps, device="cpu"):
+    """Runs in 2 CPU processes or one per GPU (Lightning relaunches this script with the same
+    arguments)."""
     from lightning.pytorch.strategies import DDPStrategy
+
+    processes = ddp_processes(device)
 
     torch.set_num_threads(1)
     variants = {
@@ -203,16 +234,17 @@ def ddp_worker(out, batch_size, rounds, steps):
             defense = None
             if variants[name] is not None:
                 defense = TimedDefense(variants[name], placement="local", seed=0)
-            timer = StepTimer(warmup=1, defense=defense)
+            timer = StepTimer(warmup=1, defense=defense, device=device)
             callbacks = [timer] if defense is None else [defense, timer]
             trainer = L.Trainer(
-                devices=2,
-                strategy=DDPStrategy(process_group_backend="gloo"),
+                devices=processes,
+                strategy=DDPStrategy(process_group_backend="nccl" if device == "cuda" else "gloo"),
                 max_steps=steps + 1,
                 callbacks=callbacks,
-                **trainer_kwargs(),
+                **trainer_kwargs(device),
             )
-            trainer.fit(Classifier(), loader(2 * (steps + 1) * batch_size, batch_size, 32))
+            n = processes * (steps + 1) * batch_size
+            trainer.fit(Classifier(), loader(n, batch_size, 32))
             times[name] += timer.times
             hook_times[name] += timer.hook_times
     if trainer.global_rank == 0:
@@ -240,20 +272,27 @@ class TimedDefense(GradientDefense):
 
 
 class StepTimer(L.Callback):
-    def __init__(self, warmup, defense=None):
+    def __init__(self, warmup, defense=None, device="cpu"):
         self.warmup, self.times, self.hook_times, self.step = warmup, [], [], 0
-        self.defense = defense
+        self.defense, self.device = defense, device
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.defense is not None:
             self.defense.hook_time = 0.0
+        sync(self.device)
         self.t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        sync(self.device)
         if self.step >= self.warmup:
             self.times.append(time.perf_counter() - self.t0)
             self.hook_times.append(0.0 if self.defense is None else self.defense.hook_time)
         self.step += 1
+
+
+def ddp_processes(device: str) -> int:
+    """2 CPU processes, or one per GPU present."""
+    return torch.cuda.device_count() if device == "cuda" else 2
 
 
 def summarize(times, defense_times, baseline):
@@ -306,26 +345,37 @@ def main():
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (part 1)")
     parser.add_argument("--skip-ddp", action="store_true")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu or cuda")
     parser.add_argument("--ddp-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here (the default is cpu)")
     batch = 8 if args.quick else 64
     if args.ddp_worker is not None:
         rounds = args.rounds or (1 if args.quick else 4)
-        ddp_worker(args.ddp_worker, batch // 2, rounds, steps=2 if args.quick else 3)
+        steps = 2 if args.quick else 3
+        ddp_worker(args.ddp_worker, batch // 2, rounds, steps=steps, device=args.device)
         return
     torch.set_num_threads(args.threads)
     rounds = args.rounds or (2 if args.quick else 7)
     print(
         f"torch {torch.__version__}, lightning {L.__version__}, {args.threads} thread(s), "
-        f"ResNet-18 (CIFAR stem) 32x32, batch {batch}, {rounds} interleaved rounds"
+        f"ResNet-18 (CIFAR stem) 32x32, batch {batch}, {rounds} interleaved rounds, "
+        f"device {device_label(args.device)}"
     )
-    times, defense_times = single_process(batch, rounds, warmup=2)
-    print_table(f"One process, batch {batch}", summarize(times, defense_times, "none"))
+    times, defense_times = single_process(batch, rounds, warmup=2, device=args.device)
+    title = f"One process, batch {batch}, on {device_label(args.device)}"
+    print_table(title, summarize(times, defense_times, "none"))
     if args.skip_ddp:
+        return
+    processes = ddp_processes(args.device)
+    if processes < 2:
+        print(f"\nDDP part skipped: {processes} GPU present, DDP over NCCL needs at least 2")
         return
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "ddp.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--ddp-worker", out]
+        cmd += ["--device", args.device]
         if args.quick:
             cmd.append("--quick")
         if args.rounds:
@@ -334,7 +384,11 @@ def main():
         subprocess.run(cmd, check=True, env=env, cwd=tmp, stdout=subprocess.DEVNULL)
         with open(out) as f:
             ddp = json.load(f)
-    title = f"DDP, 2 CPU processes (gloo), per-rank batch {batch // 2}, rank 0"
+    if args.device == "cuda":
+        where = f"{processes} GPUs (NCCL), {device_label(args.device)}"
+    else:
+        where = "2 CPU processes (gloo)"
+    title = f"DDP, {where}, per-rank batch {batch // 2}, rank 0"
     print_table(title, summarize(ddp["times"], ddp["defense_times"], "default all-reduce"))
 
 

@@ -11,6 +11,12 @@ after one untimed warm-up call, in wall-clock and in process CPU time, each ``--
 
     python benchmarks/i2f_cost.py            # 5 faces
     python benchmarks/i2f_cost.py --quick    # 1 face, short attack
+    python benchmarks/i2f_cost.py --device cuda    # the same table on a GPU
+
+With ``--device cuda`` the model, faces, δ and the attack's dummies live on the GPU (the attack
+runs under ``with torch.device("cuda")`` with a CUDA generator, so its random start is drawn
+there), and every timing point follows ``torch.cuda.synchronize``; the CPU-time column then
+counts only the host's share.
 """
 
 from __future__ import annotations
@@ -35,25 +41,36 @@ from lightning_privacy.functional.leakage import (
 from lightning_privacy.models import LeNetDLG
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def exact_i2f(model, x, y, delta):
+    sync(x.device)
     start, cpu = time.perf_counter(), time.process_time()
     op = LeakageOperator(model, x, y)
     fact = GramFactorization(op.gram())
     value = float(i2f_from_operator(op, delta, factorization=fact).value[0])
+    sync(x.device)
     return value, time.perf_counter() - start, time.process_time() - cpu
 
 
 def converged_attack(model, observed, y, steps, seed):
     attack = DeepLeakage(max_iterations=steps, restarts=1, box=None, tol=0.0)
+    device = y.device
+    sync(device)
     start, cpu = time.perf_counter(), time.process_time()
-    rec = attack.reconstruct(
-        model,
-        observed,
-        input_shape=(1, 32, 32),
-        num_samples=1,
-        labels=y,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    with torch.device(device):  # the dummies on the model's device
+        rec = attack.reconstruct(
+            model,
+            observed,
+            input_shape=(1, 32, 32),
+            num_samples=1,
+            labels=y,
+            generator=torch.Generator(device=device).manual_seed(seed),
+        )
+    sync(device)
     return rec, time.perf_counter() - start, time.process_time() - cpu
 
 
@@ -64,7 +81,12 @@ def main() -> None:
     parser.add_argument("--rel-noise", type=float, default=0.01)
     parser.add_argument("--attack-steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3, help="timings per side (median kept)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu or cuda")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here (the default is cpu)")
+    device = torch.device(args.device)
+    where = f"GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "1 CPU thread"
     torch.set_num_threads(1)
     samples = 1 if args.quick else args.samples
     steps = 20 if args.quick else args.attack_steps
@@ -72,10 +94,11 @@ def main() -> None:
     torch.manual_seed(0)
     images, labels = load_lfw_tensors(image_size=32, channels=1)
     faces = torch.nonzero(labels == 1).flatten()[:samples]
-    model = LeNetDLG(num_classes=2, channels=1, image_size=32, init="uniform").eval()
+    images, labels = images.to(device), labels.to(device)
+    model = LeNetDLG(num_classes=2, channels=1, image_size=32, init="uniform").eval().to(device)
     model64 = copy.deepcopy(model).double()
 
-    table = Table(title="Exact I2F vs one converged attack (same sample, same run, 1 CPU thread)")
+    table = Table(title=f"Exact I2F vs one converged attack (same sample, same run, {where})")
     for col in (
         "face",
         "I2F f32",
@@ -96,16 +119,18 @@ def main() -> None:
     # Warm-up, not timed: one-time costs (lazy imports, torch.func tracing caches, BLAS thread
     # pools) are paid once per process, not per estimate.
     warm_x, warm_y = images[faces[0] : faces[0] + 1], labels[faces[0] : faces[0] + 1]
-    exact_i2f(model, warm_x, warm_y, torch.zeros(LeakageOperator(model, warm_x, warm_y).param_dim))
+    warm_delta = torch.zeros(LeakageOperator(model, warm_x, warm_y).param_dim, device=device)
+    exact_i2f(model, warm_x, warm_y, warm_delta)
     warm_obs = [torch.zeros_like(p) for p in model.parameters()]
-    DeepLeakage(max_iterations=1, restarts=1, box=None).reconstruct(
-        model, warm_obs, input_shape=(1, 32, 32), num_samples=1, labels=warm_y
-    )
+    with torch.device(device):
+        DeepLeakage(max_iterations=1, restarts=1, box=None).reconstruct(
+            model, warm_obs, input_shape=(1, 32, 32), num_samples=1, labels=warm_y
+        )
     for k, idx in enumerate(faces.tolist()):
         x, y = images[idx : idx + 1], labels[idx : idx + 1]
         op = LeakageOperator(model, x, y)
         g = op.gradient
-        noise = torch.randn(g.numel(), generator=torch.Generator().manual_seed(k))
+        noise = torch.randn(g.numel(), generator=torch.Generator().manual_seed(k)).to(device)
         delta = noise / noise.norm() * args.rel_noise * g.norm()
 
         runs = [exact_i2f(model, x, y, delta) for _ in range(max(1, args.repeats))]
@@ -113,8 +138,11 @@ def main() -> None:
         t_i2f = statistics.median(r[1] for r in runs)
         cpu_i2f = statistics.median(r[2] for r in runs)
         ref, _, _ = exact_i2f(model64, x.double(), y, delta.double())
+        sync(device)
         start = time.perf_counter()
-        bound = i2f_lower_bound(model, x, y, delta, generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator(device=device).manual_seed(0)
+        bound = i2f_lower_bound(model, x, y, delta, generator=gen)
+        sync(device)
         t_bound = time.perf_counter() - start
 
         observed = [
@@ -153,7 +181,7 @@ def main() -> None:
         f"1/{1 / statistics.median(cpu_ratios):.1f}); "
         f"rel. noise ‖δ‖/‖g‖ = {args.rel_noise}, "
         f"attack budget {steps} L-BFGS steps x 20 evaluations; median of {args.repeats} "
-        "timings per side"
+        f"timings per side; device {where}"
     )
 
 
