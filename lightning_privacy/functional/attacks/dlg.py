@@ -62,8 +62,12 @@ def initial_inputs(
     box: tuple[float, float] | None,
     generator: Generator | None,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
 ) -> Tensor:
-    """A dummy batch: uniform inside ``box`` (or ``[0, 1]``) or standard normal.
+    """A dummy batch on ``device``: uniform inside ``box`` (or ``[0, 1]``) or standard normal.
+
+    Drawn on the generator's device (a CUDA generator draws on the GPU, a CPU one on the CPU, so
+    a seed gives the same start wherever the model lives), then moved to ``device``.
 
     Example:
         >>> x = initial_inputs((2, 3), "uniform", (0.0, 1.0), torch.Generator().manual_seed(0))
@@ -71,9 +75,26 @@ def initial_inputs(
         True
     """
     if init == "randn":
-        return torch.randn(tuple(shape), generator=generator, dtype=dtype)
+        return random_tensor(torch.randn, shape, generator, dtype, device)
     low, high = box if box is not None else (0.0, 1.0)
-    return low + (high - low) * torch.rand(tuple(shape), generator=generator, dtype=dtype)
+    return low + (high - low) * random_tensor(torch.rand, shape, generator, dtype, device)
+
+
+def random_tensor(
+    draw: Callable[..., Tensor],
+    shape: Sequence[int],
+    generator: Generator | None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+) -> Tensor:
+    """``draw(shape)`` (``torch.rand``/``randn``) on the generator's device, then on ``device``.
+
+    Example:
+        >>> random_tensor(torch.randn, (2,), torch.Generator().manual_seed(0)).shape
+        torch.Size([2])
+    """
+    source = generator.device if generator is not None else device
+    return draw(tuple(shape), generator=generator, dtype=dtype, device=source).to(device)
 
 
 def deep_leakage(
@@ -157,9 +178,18 @@ def deep_leakage(
     lbfgs = _lbfgs(lr, inner_iterations, history_size, line_search)
 
     def run_trial() -> Trial:
-        x = initial_inputs(shape, init, box, generator) if start is None else start.detach().clone()
+        device = matcher.target_list[0].device
+        x = (
+            initial_inputs(shape, init, box, generator, device=device)
+            if start is None
+            else start.detach().clone()
+        )
         joint = fixed is None
-        y_logits = torch.randn(num_samples, num_classes, generator=generator) if joint else None
+        y_logits = (
+            random_tensor(torch.randn, (num_samples, num_classes), generator, device=device)
+            if joint
+            else None
+        )
         return _DummyBatch(matcher, x, y_logits, fixed, lbfgs).run(rule)
 
     kept, trial_losses, evaluations = best_of_restarts(
