@@ -198,6 +198,11 @@ class GradientMatcher:
         self.target_list = list(self.target.values())
         self.target_norm = torch.sqrt(_total([(g * g).sum() for g in self.target_list]))
 
+    @property
+    def device(self) -> torch.device:
+        """Where the observed gradient, hence the model, lives: the dummies are made there."""
+        return self.target_list[0].device
+
     def dummy(self, inputs: Tensor, targets: Tensor) -> list[Tensor]:
         """Gradient of the loss at ``(inputs, targets)`` with the graph kept (double backprop)."""
         return self._grad(inputs, targets, loss_fn=self.loss_fn, create_graph=True)

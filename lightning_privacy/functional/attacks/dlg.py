@@ -97,6 +97,29 @@ def random_tensor(
     return draw(tuple(shape), generator=generator, dtype=dtype, device=source).to(device)
 
 
+def _given_or_random_start(
+    start: Tensor | None,
+    shape: Sequence[int],
+    init: str,
+    box: tuple[float, float] | None,
+    generator: Generator | None,
+    device: torch.device,
+) -> Tensor:
+    """A copy of the user's ``start``, else a random dummy batch on ``device``."""
+    if start is not None:
+        return start.detach().clone()
+    return initial_inputs(shape, init, box, generator, device=device)
+
+
+def _joint_logits(
+    fixed: Tensor | None, shape: tuple[int, int], generator: Generator | None, device: torch.device
+) -> Tensor | None:
+    """Random label logits to optimise jointly (DLG), or ``None`` when the labels are fixed."""
+    return (
+        None if fixed is not None else random_tensor(torch.randn, shape, generator, device=device)
+    )
+
+
 def deep_leakage(
     model: nn.Module,
     gradients: Gradients,
@@ -178,18 +201,8 @@ def deep_leakage(
     lbfgs = _lbfgs(lr, inner_iterations, history_size, line_search)
 
     def run_trial() -> Trial:
-        device = matcher.target_list[0].device
-        x = (
-            initial_inputs(shape, init, box, generator, device=device)
-            if start is None
-            else start.detach().clone()
-        )
-        joint = fixed is None
-        y_logits = (
-            random_tensor(torch.randn, (num_samples, num_classes), generator, device=device)
-            if joint
-            else None
-        )
+        x = _given_or_random_start(start, shape, init, box, generator, matcher.device)
+        y_logits = _joint_logits(fixed, (num_samples, num_classes), generator, matcher.device)
         return _DummyBatch(matcher, x, y_logits, fixed, lbfgs).run(rule)
 
     kept, trial_losses, evaluations = best_of_restarts(

@@ -243,9 +243,7 @@ def inverting_gradients(
         **settings,
     )
     kept, trial_objectives, iterations = best_of_restarts(
-        lambda: descent.run(
-            initial_inputs(shape, init, box, generator, device=matcher.target_list[0].device)
-        ),
+        lambda: descent.run(initial_inputs(shape, init, box, generator, device=matcher.device)),
         restarts,
         stop=lambda _: clock.expired(),
     )
