@@ -40,6 +40,7 @@ from lightning_privacy.defenses.base import GradientTransform, apply_transforms
 from lightning_privacy.functional.gradients import LossFn, select_parameters
 from lightning_privacy.functional.leakage import (
     METHODS,
+    GramSolver,
     LanczosResult,
     LeakageOperator,
     MeasurementTimeoutError,
@@ -123,6 +124,22 @@ def split_gaussian_pipeline(
     return transforms[:-1], float(transforms[-1].std)  # type: ignore[attr-defined]
 
 
+def _mean_over_draws(
+    op: LeakageOperator, context: EstimationContext, solver: GramSolver
+) -> SampleEstimate:
+    """The I2F of the context's δ draws through ``solver``, averaged, with their lower bound."""
+    lanczos = solver.lanczos()
+    deltas = context.draw_deltas(op)
+    jdelta = op.jdelta_rows(deltas)
+    return context.sample_estimate(
+        op,
+        i2f=float(solver.solve_norms(jdelta).mean()),
+        lower_bound=_mean_lower_bound(jdelta, lanczos),
+        lanczos=lanczos,
+        delta_sq_norm=mean_square_norm(deltas),
+    )
+
+
 def _mean_lower_bound(jdelta: Tensor, lanczos: LanczosResult) -> float:
     """Mean of ``‖J δ‖ / λ_max`` over the rows of ``jdelta``."""
     return float((jdelta.norm(dim=-1) / lanczos.value).mean())
@@ -142,17 +159,7 @@ class ExactI2F(LeakageEstimator):
 
     def estimate(self, op: LeakageOperator, context: EstimationContext) -> SampleEstimate:
         """The mean over the draws, with the lower bound of the same draws."""
-        solver = context.gram_solver(op)
-        lanczos = solver.lanczos()
-        deltas = context.draw_deltas(op)
-        jdelta = op.jdelta_rows(deltas)
-        return context.sample_estimate(
-            op,
-            i2f=float(solver.solve_norms(jdelta).mean()),
-            lower_bound=_mean_lower_bound(jdelta, lanczos),
-            lanczos=lanczos,
-            delta_sq_norm=mean_square_norm(deltas),
-        )
+        return _mean_over_draws(op, context, context.gram_solver(op))
 
 
 @ESTIMATORS.register("expected")
@@ -326,16 +333,7 @@ class ApproximateI2F(LeakageEstimator):
             lanczos_iterations=APPROXIMATE_LANCZOS,
             warn=False,
         )
-        lanczos = solver.lanczos()
-        deltas = context.draw_deltas(op)
-        jdelta = op.jdelta_rows(deltas)
-        return context.sample_estimate(
-            op,
-            i2f=float(solver.solve_norms(jdelta).mean()),
-            lower_bound=_mean_lower_bound(jdelta, lanczos),
-            lanczos=lanczos,
-            delta_sq_norm=mean_square_norm(deltas),
-        )
+        return _mean_over_draws(op, context, solver)
 
 
 def _check_batch(inputs: Tensor, targets: Tensor) -> None:
