@@ -25,6 +25,7 @@ from torch import Generator, Tensor, nn
 
 from lightning_privacy._registry import Registry
 from lightning_privacy.functional.attacks.common import Gradients, LossFn, Reconstruction
+from lightning_privacy.functional.gradients import differentiable_attention
 
 ATTACKS: Registry[Attack] = Registry("attack")
 
@@ -67,16 +68,22 @@ class Attack(ABC):
         loss_fn: LossFn = F.cross_entropy,
         generator: Generator | None = None,
     ) -> Reconstruction:
-        """Rebuild ``num_samples`` inputs of shape ``input_shape`` from ``gradients``."""
+        """Rebuild ``num_samples`` inputs of shape ``input_shape`` from ``gradients``.
+
+        Attention runs on its double-differentiable math kernel meanwhile
+        (:func:`~lightning_privacy.functional.gradients.differentiable_attention`), so a timm or
+        Hugging Face transformer is attacked as it is.
+        """
         common = {"labels": labels, "loss_fn": loss_fn, "generator": generator}
-        return type(self).function(
-            model,
-            gradients,
-            input_shape=input_shape,
-            num_samples=num_samples,
-            **{name: common[name] for name in self.common_arguments},
-            **self.options(),
-        )
+        with differentiable_attention():
+            return type(self).function(
+                model,
+                gradients,
+                input_shape=input_shape,
+                num_samples=num_samples,
+                **{name: common[name] for name in self.common_arguments},
+                **self.options(),
+            )
 
 
 def create_attack(name: str, **kwargs: Any) -> Attack:

@@ -88,3 +88,23 @@ def test_max_seconds_bounds_the_run_and_config_validation():
         InvertingGradients(max_seconds=0)
     with pytest.raises(ValueError, match="method"):
         InvertingGradients(method="fast")
+
+
+def test_a_timm_vision_transformer_is_attacked_as_it_is():
+    """Its fused attention kernel has no double backward: ``reconstruct`` switches to the math
+    kernel itself, so a user calling an attack directly needs no context manager."""
+    import timm
+
+    from lightning_privacy.attacks import create_attack
+    from lightning_privacy.functional.gradients import parameter_gradients
+
+    torch.manual_seed(0)
+    vit = timm.models.VisionTransformer(
+        img_size=8, patch_size=4, num_classes=3, embed_dim=16, depth=1, num_heads=2
+    ).eval()
+    x, y = torch.rand(1, 3, 8, 8), torch.tensor([1])
+    observed = parameter_gradients(vit, x, y, loss_fn=torch.nn.functional.cross_entropy)
+    attack = create_attack("inverting_gradients", max_iterations=3)
+    rec = attack.reconstruct(vit, observed, input_shape=(3, 8, 8), num_samples=1, labels=y)
+    assert rec.inputs.shape == (1, 3, 8, 8) and torch.isfinite(rec.inputs).all()
+    assert len(rec.history) == 3
