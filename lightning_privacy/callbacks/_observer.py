@@ -229,13 +229,16 @@ class ScheduledObserver(L.Callback):
 
 
 @contextlib.contextmanager
-def isolated(module: nn.Module, *, train: bool, seed: int | None = None) -> Iterator[None]:
+def isolated(
+    module: nn.Module, *, train: bool, seed: int | None = None, differentiable: bool = True
+) -> Iterator[None]:
     """Fork the global RNG, set train/eval mode, and restore both on exit.
 
     Dropout inside the block draws from a forked stream seeded with ``seed``, so the training
-    stream is bitwise unchanged. Attention runs on its math backend
-    (:func:`~lightning_privacy.functional.gradients.differentiable_attention`), which has the
-    double backward and forward-mode derivatives the measurements need.
+    stream is bitwise unchanged. With ``differentiable`` (the default) attention runs on its math
+    backend (:func:`~lightning_privacy.functional.gradients.differentiable_attention`), which has
+    the double backward and forward-mode derivatives the measurements need; a measurement that
+    only forwards (membership scores) passes ``False`` and keeps PyTorch's fastest kernel.
 
     Example:
         >>> m = torch.nn.Dropout(0.5).train()
@@ -247,7 +250,8 @@ def isolated(module: nn.Module, *, train: bool, seed: int | None = None) -> Iter
     """
     modes = {name: sub.training for name, sub in module.named_modules()}
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices), differentiable_attention():
+    attention = differentiable_attention() if differentiable else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=devices), attention:
         if seed is not None:
             torch.manual_seed(seed)
         module.train(train)

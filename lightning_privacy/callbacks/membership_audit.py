@@ -399,7 +399,7 @@ class MembershipAudit(ScheduledObserver):
         logits, pop_logits = [], []
         with torch.no_grad():
             for model in models:
-                with isolated(model, train=False, seed=self.seed):
+                with isolated(model, train=False, seed=self.seed, differentiable=False):
                     logits.append(
                         forward_logits(model, adapter, inputs, batch_size=self.batch_size)
                     )
@@ -416,7 +416,8 @@ class MembershipAudit(ScheduledObserver):
     def _query(self, pl_module: L.LightningModule) -> MembershipQuery:
         adapter = self._require_adapter()
         (xm, ym), (xn, yn) = self._data["members"], self._data["nonmembers"]
-        with isolated(pl_module, train=False, seed=self.seed), torch.no_grad():
+        forward_only = isolated(pl_module, train=False, seed=self.seed, differentiable=False)
+        with forward_only, torch.no_grad():
             logits = forward_logits(
                 pl_module, adapter, torch.cat([xm, xn]), batch_size=self.batch_size
             )

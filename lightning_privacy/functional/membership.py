@@ -524,18 +524,39 @@ def loss_scores(
         logits: ``(N, classes)`` outputs.
         targets: ``(N,)`` class ids.
         loss_fn: The training loss ``loss_fn(outputs, targets) -> scalar``, applied to one example
-            at a time; default: cross-entropy.
+            at a time (vectorised with ``torch.func.vmap`` where the loss allows it, else in a
+            loop); default: cross-entropy.
 
     Example:
         >>> loss_scores(torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 0])).round(
         ...     decimals=3)
         tensor([-0.1270, -2.1270], dtype=torch.float64)
+        >>> loss_scores(torch.tensor([[2.0, 0.0]]), torch.tensor([0]), loss_fn=F.cross_entropy)
+        tensor([-0.1269], dtype=torch.float64)
     """
     if loss_fn is None:
         z, y = _true_class(logits, targets)
         return -F.cross_entropy(z, y, reduction="none")
-    losses = [float(loss_fn(logits[i : i + 1], targets[i : i + 1])) for i in range(len(logits))]
-    return -torch.tensor(losses, dtype=torch.float64)
+    return -_per_example_losses(logits, targets, loss_fn).to(torch.float64)
+
+
+def _per_example_losses(
+    logits: Tensor, targets: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor]
+) -> Tensor:
+    """``loss_fn`` of every example alone: one vectorised call, or a loop where vmap fails."""
+
+    def one(z: Tensor, y: Tensor) -> Tensor:
+        return loss_fn(z[None], y[None])
+
+    try:
+        losses = torch.func.vmap(one)(logits, targets)
+    except Exception:  # a loss vmap cannot batch (data-dependent control flow, .item(), ...)
+        losses = None
+    if losses is None or losses.shape != (len(logits),):
+        return torch.stack(
+            [one(z, y).reshape(()) for z, y in zip(logits, targets, strict=True)]
+        ).detach()
+    return losses.detach()
 
 
 def confidence_scores(logits: Tensor, targets: Tensor) -> Tensor:

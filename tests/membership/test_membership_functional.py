@@ -305,3 +305,15 @@ def test_rmia_is_the_share_of_population_samples_beaten():
 def test_scores_refuse_labels_outside_the_logits():
     with pytest.raises(ValueError, match=r"`targets` in \[0, 1\], but got values in \[0, 2\]"):
         M.confidence_scores(torch.zeros(2, 2), torch.tensor([0, 2]))
+
+
+def test_a_loss_vmap_cannot_batch_is_applied_one_example_at_a_time():
+    logits, y = _logits(n=6)
+
+    def branching(out, t):  # .item() inside: torch.func.vmap refuses it
+        loss = F.cross_entropy(out, t)
+        return loss * 2 if loss.item() > 1.0 else loss
+
+    plain = F.cross_entropy(logits, y, reduction="none")
+    expected = -torch.where(plain > 1.0, plain * 2, plain).double()
+    torch.testing.assert_close(M.loss_scores(logits, y, loss_fn=branching), expected)
