@@ -110,6 +110,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "schedule": "cosine",
         "weight_decay": 0.0,
         "seed": 0,
+        "accelerator": "cpu",
     },
     "target": {
         "defense": "none",
@@ -131,6 +132,7 @@ _CHOICES = {
     ("model", "name"): MODELS,
     ("training", "optimizer"): ("adam", "sgd"),
     ("training", "schedule"): ("cosine", "constant"),
+    ("training", "accelerator"): ("cpu", "cuda"),
     ("target", "defense"): ("none", "dpsgd"),
 }
 _POSITIVE_INTS = {
@@ -253,6 +255,8 @@ def _value_problem(section: str, key: str, value: Any) -> str | None:
     if choices is not None and value not in choices:
         allowed = ", ".join(repr(c) for c in choices)
         return f"Expected `{key}` to be one of {allowed}, but got {describe(value)}."
+    if (section, key) == ("training", "accelerator") and value == "cuda":
+        return _cuda_problem()
     optional = section == "target" and key in TARGET_TRAINING
     if optional and value is None:
         return None
@@ -271,6 +275,13 @@ def _value_problem(section: str, key: str, value: Any) -> str | None:
     ):
         return f"Expected `{key}` to be an int >= 0, but got {describe(value)}."
     return None
+
+
+def _cuda_problem() -> str | None:
+    """Why ``accelerator: cuda`` cannot train here (``None``: a GPU is there)."""
+    if torch.cuda.is_available():
+        return None
+    return "Expected `accelerator` 'cuda' to find a GPU, but torch.cuda.is_available() is False."
 
 
 def _check_top(doc: _Located, data: Mapping[str, Any], errors: list[SweepConfigError]) -> dict:
@@ -537,7 +548,7 @@ def _fit(task: ModelTask, train_set: Any) -> tuple[Any, list[Any], float]:
     trainer = L.Trainer(
         max_epochs=int(training["epochs"]),
         callbacks=callbacks,
-        accelerator="cpu",
+        accelerator=str(training.get("accelerator", "cpu")),
         devices=1,
         logger=False,
         enable_checkpointing=False,
@@ -590,7 +601,8 @@ def train_model(task_dict: Mapping[str, Any], out_dir: str) -> dict[str, Any]:
     module, callbacks, seconds = _fit(task, train_set)
     module.eval()
     with torch.no_grad():
-        logits = torch.cat([module(pool_x), module(pop_x)]).float()
+        outputs = [module(x.to(module.device)) for x in (pool_x, pop_x)]
+        logits = torch.cat(outputs).float().cpu()
     predictions = logits[: len(pool_x)].argmax(1) == pool_y
     result = {
         "trial_id": task.trial_id,

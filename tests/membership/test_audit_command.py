@@ -53,6 +53,20 @@ workers: 0
     assert "exactly one of `noise_multiplier` and `target_epsilon`" in message
 
 
+def test_the_accelerator_is_checked_before_anything_trains():
+    with pytest.raises(SweepConfigError) as info:
+        parse_membership_config("training: {accelerator: tpu}")
+    assert info.value.key == "training.accelerator" and "'cpu', 'cuda'" in str(info.value)
+    assert parse_membership_config("reference_models: 2").settings["training"]["accelerator"] == (
+        "cpu"
+    )
+    if torch.cuda.is_available():
+        assert parse_membership_config("training: {accelerator: cuda}") is not None
+    else:
+        with pytest.raises(SweepConfigError, match=r"is_available\(\) is False"):
+            parse_membership_config("training: {accelerator: cuda}")
+
+
 def test_without_reference_models_the_default_attacks_are_the_threshold_ones():
     config = parse_membership_config("reference_models: 0")
     assert config.attacks == ("loss", "confidence", "entropy", "modified_entropy")
