@@ -140,6 +140,7 @@ def demo_config_text(
             "num_delta_samples": 1,
             "every_n_epochs": 1 if quick else max(1, epochs // 5),
         },
+        "membership": {"attack": "loss", "num_samples": 200, "every_n_epochs": 1},
     }
     return yaml.safe_dump(config, sort_keys=False)
 
@@ -162,11 +163,24 @@ def _cell(value: Any, fmt: str) -> str:
     return "∞" if math.isinf(number) else format(number, fmt)
 
 
-_TABLE_COLUMNS = ("defense", "val acc", "ε", "attack PSNR (dB)", "predicted PSNR (dB)", "time (s)")
+_TABLE_CAPTION = (
+    "PSNR in dB (higher = more leakage); MIA AUC 0.5 = members look like non-members; "
+    "audited ε: the lower bound the membership scores prove"
+)
+_TABLE_COLUMNS = (
+    "defense",
+    "val acc",
+    "ε",
+    "attack PSNR",
+    "predicted PSNR",
+    "MIA AUC",
+    "audited ε",
+    "time (s)",
+)
 
 
 def results_table(results: Iterable[TrialResult | Mapping[str, Any]], title: str) -> Table:
-    """The summary table: val accuracy, ε, attack PSNR, predicted PSNR, time.
+    """The summary table: val accuracy, ε, attack PSNR, predicted PSNR, MIA AUC, audited ε, time.
 
     A configuration that overrides shared settings shows them under its label; a defense without
     a formal guarantee shows :data:`~lightning_privacy.sweep.results.NO_FORMAL_DP` for ε.
@@ -184,14 +198,15 @@ def results_table(results: Iterable[TrialResult | Mapping[str, Any]], title: str
     """
     from lightning_privacy.sweep.results import as_result
 
-    table = Table(title=title)
+    table = Table(title=title, caption=_TABLE_CAPTION)
     for column in _TABLE_COLUMNS:
         left = column == "defense"
         table.add_column(column, justify="left" if left else "right", no_wrap=left)
     for r in map(as_result, results):
         if not r.ok:
             short = r.status.split(":", 1)[0]
-            table.add_row(_label_cell(r), f"[red]{short}[/red]", "", "", "", "")
+            blanks = [""] * (len(_TABLE_COLUMNS) - 2)
+            table.add_row(_label_cell(r), f"[red]{short}[/red]", *blanks)
             continue
         table.add_row(
             _label_cell(r),
@@ -199,6 +214,8 @@ def results_table(results: Iterable[TrialResult | Mapping[str, Any]], title: str
             _cell(r.guarantee, ".2f"),
             _cell(r.attack_psnr, ".1f"),
             _cell(r.predicted_psnr, ".1f"),
+            _cell(r.mia_auc, ".3f"),
+            _cell(r.audited_epsilon, ".2f"),
             _cell(r.seconds, ".1f"),
         )
     return table
@@ -325,8 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lightning_privacy._process import LockedError
     from lightning_privacy.sweep.config import SweepConfigError
 
-    console = Console(width=None if sys.stdout.isatty() else 110)
-    errors = Console(stderr=True, width=None if sys.stderr.isatty() else 110)
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    errors = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
     try:
         if args.command == "demo":
             run_demo(

@@ -1,7 +1,9 @@
 """A self-contained HTML report of a run directory (sweep or demo): one file, images inline.
 
-Sections: the results table, the privacy-utility Pareto fronts, leakage over training (attack
-PSNR, I²F predicted PSNR, ε and accuracy against the optimizer step), the reconstruction grids the
+Sections: the results table, the privacy-utility Pareto fronts (accuracy against attack PSNR,
+I²F predicted PSNR, membership-inference AUC and ε; the accountant's ε against the audited one),
+leakage over training (attack PSNR, I²F predicted PSNR, MIA AUC, ε and accuracy against the
+optimizer step), the reconstruction grids the
 audit produced, and the threat model each number was measured under.
 
 Rendering reads the run directory and writes nothing but ``report.html``: the figures are drawn
@@ -31,7 +33,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_privacy.sweep.pareto import PARETO_PLOTS, agg_pyplot, figure_png, pareto_figure
+from lightning_privacy.sweep.pareto import (
+    PARETO_PLOTS,
+    agg_pyplot,
+    epsilon_audit_figure,
+    figure_png,
+    pareto_figure,
+)
 from lightning_privacy.sweep.results import (
     RunScan,
     TrialResult,
@@ -46,6 +54,7 @@ CURVES = (
     ("attack/psnr", "attack PSNR (dB)"),
     ("leakage/predicted_psnr", "I²F predicted PSNR (dB)"),
     ("leakage/i2f", "I²F (input-space L2 error)"),
+    ("membership/auc", "membership-inference AUC"),
     ("privacy/epsilon", "ε"),
     ("val/acc", "validation accuracy"),
     ("train/loss", "training loss"),
@@ -132,8 +141,8 @@ def curve_figures(results: Iterable[TrialResult | Mapping[str, Any]]) -> list[tu
 def pareto_images(results: Iterable[TrialResult | Mapping[str, Any]]) -> list[tuple[str, bytes]]:
     """The Pareto plots of :data:`~lightning_privacy.sweep.pareto.PARETO_PLOTS` as PNG bytes.
 
-    Only the finished trials are drawn, and only the plots some of them have a value for.
-    Nothing is written.
+    Only the finished trials are drawn, and only the plots some of them have a value for; with an
+    audited ε, the accountant-vs-audited panel follows. Nothing is written.
 
     Example:
         >>> row = {"trial_id": "a", "defense": "none", "val_acc": 0.9, "attack_psnr": 30.0}
@@ -141,11 +150,15 @@ def pareto_images(results: Iterable[TrialResult | Mapping[str, Any]]) -> list[tu
         ['accuracy vs attack PSNR (dB, lower = less leakage)']
     """
     ok = [r.to_dict() for r in map(as_result, results) if r.ok]
-    return [
+    figures = [
         (f"accuracy vs {label}", figure_png(pareto_figure(ok, key, label, log_x=log_x)))
         for _, key, label, log_x in PARETO_PLOTS
         if any(row[key] is not None for row in ok)
     ]
+    if any(row["audited_epsilon"] is not None for row in ok):
+        caption = "accountant ε vs audited ε (membership audit)"
+        figures.append((caption, figure_png(epsilon_audit_figure(ok))))
+    return figures
 
 
 def _reconstruction_images(
@@ -170,6 +183,9 @@ _COLUMNS = (
     ("attack_psnr", "attack PSNR (dB)"),
     ("attack_ssim", "attack SSIM"),
     ("predicted_psnr", "predicted PSNR (dB)"),
+    ("mia_auc", "MIA AUC"),
+    ("mia_tpr_at_1pct_fpr", "MIA TPR @ 1 % FPR"),
+    ("audited_epsilon", "audited ε"),
     ("seconds", "time (s)"),
     ("status", "status"),
 )
@@ -224,7 +240,10 @@ def _results_section(run_dir: Path, results: Sequence[TrialResult]) -> list[str]
         "<p class='note'>Attack PSNR: the audit's reconstruction of a held-out batch from the "
         "defended gradient at the end of training (higher = more leakage). Predicted PSNR: the "
         "I²F estimate for the same batch and defense. ε: formal (ε, δ)-DP where a mechanism "
-        "provides it, ∞ without a defense.</p>",
+        "provides it, ∞ without a defense. MIA AUC and TPR: the membership audit's attack "
+        "telling training examples from validation ones (AUC 0.5 = no better than chance); "
+        "audited ε: the ε those scores prove at 95 % confidence, a lower bound that a correct "
+        "accountant's ε is never below.</p>",
     ]
     notes = sorted({w for r in results for w in r.warnings})
     if notes:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_privacy.sweep.config import (
+    OBSERVER_SECTIONS,
     OVERRIDABLE_SECTIONS,
     SweepConfig,
     SweepConfigError,
@@ -53,7 +54,7 @@ _ARGUMENT_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012345678
 #: Dry runs of one trial at most: after each problem the setting is put back and it runs again.
 _MAX_RUNS = 8
 #: The shared section a callback's message concerns, by the name it starts with.
-_OWNERS = {"InversionAudit": "audit", "LeakageMonitor": "leakage"}
+_OWNERS = {"InversionAudit": "audit", "LeakageMonitor": "leakage", "MembershipAudit": "membership"}
 
 
 def _named_arguments(message: str) -> list[str]:
@@ -74,7 +75,7 @@ def _candidate_keys(
         for name in values:
             keys.setdefault(name, []).append(f"{base}.overrides.{section}.{name}")
     keys.setdefault("strength", []).append(f"{base}.strengths[{strength}]")
-    for section in (*OVERRIDABLE_SECTIONS, "audit", "leakage"):
+    for section in (*OVERRIDABLE_SECTIONS, *OBSERVER_SECTIONS):
         for name in spec.settings.get(section) or {}:
             keys.setdefault(name, []).append(f"{section}.{name}")
     return keys

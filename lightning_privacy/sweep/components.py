@@ -4,9 +4,10 @@ A ``defenses:`` entry names a registered gradient transform or ``dpsgd``. A tran
 ``strength`` ClassVar names the argument its ``strengths`` are values of (integer-valued when the
 dataclass field is an ``int``); DP-SGD's strength is the noise multiplier of
 :class:`~lightning_privacy.callbacks.DPSGD`. The entry's other keys are the component's own
-arguments, and the ``audit:`` / ``leakage:`` sections are those of
-:class:`~lightning_privacy.callbacks.InversionAudit` and
-:class:`~lightning_privacy.callbacks.LeakageMonitor`. Nothing here lists a component's arguments:
+arguments, and the ``audit:`` / ``leakage:`` / ``membership:`` sections are those of
+:class:`~lightning_privacy.callbacks.InversionAudit`,
+:class:`~lightning_privacy.callbacks.LeakageMonitor` and
+:class:`~lightning_privacy.callbacks.MembershipAudit`. Nothing here lists a component's arguments:
 they come from its signature, so a new defense or option needs no sweep edit. The same builders
 serve the validation (which builds every component once, so its own checks run before anything
 is trained) and the trials.
@@ -31,7 +32,13 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from lightning.pytorch import Callback
 
 from lightning_privacy.attacks import create_attack
-from lightning_privacy.callbacks import DPSGD, GradientDefense, InversionAudit, LeakageMonitor
+from lightning_privacy.callbacks import (
+    DPSGD,
+    GradientDefense,
+    InversionAudit,
+    LeakageMonitor,
+    MembershipAudit,
+)
 from lightning_privacy.defenses import DEFENSES, GradientTransform
 
 #: The entry that trains without a defense.
@@ -158,6 +165,16 @@ def leakage_arguments() -> tuple[str, ...]:
     return _section_arguments(LeakageMonitor)
 
 
+def membership_arguments() -> tuple[str, ...]:
+    """The keys of the ``membership:`` section: the arguments of ``MembershipAudit``.
+
+    Example:
+        >>> "attack" in membership_arguments(), "seed" in membership_arguments()
+        (True, False)
+    """
+    return _section_arguments(MembershipAudit)
+
+
 def build_transform(name: str, strength: float, options: Mapping[str, Any]) -> GradientTransform:
     """The registered transform ``name`` with its strength and options.
 
@@ -222,6 +239,17 @@ def leakage_callback(section: Mapping[str, Any], *, seed: int) -> LeakageMonitor
         'expected'
     """
     return LeakageMonitor(**section, seed=seed)
+
+
+def membership_callback(section: Mapping[str, Any], *, seed: int) -> MembershipAudit:
+    """``MembershipAudit`` from a ``membership:`` section (its member sample drawn with ``seed``).
+
+    Example:
+        >>> audit = membership_callback({"attack": "entropy", "num_samples": 100}, seed=0)
+        >>> type(audit.attack).__name__, audit.num_samples
+        ('EntropyAttack', 100)
+    """
+    return MembershipAudit(**section, seed=seed)
 
 
 class _StrengthParameters(Mapping[str, str]):

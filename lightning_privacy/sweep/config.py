@@ -29,12 +29,16 @@ The file::
       estimator: exact
       num_samples: 1
       every_n_epochs: 1
+    membership:                    # MembershipAudit's; `membership: null` disables it
+      attack: loss                 # any name of lightning_privacy.membership (no reference models)
+      num_samples: 200             # members (training data) and non-members (validation data)
+      every_n_epochs: 1
     backend: local                                    # or ray
     workers: 1
 
-What a defense, the audit and the leakage monitor accept is read from the components
-(:mod:`lightning_privacy.sweep.components`), and every one of them is built once while the file
-is validated, so their own checks report a bad value at its line.
+What a defense, the audit, the leakage monitor and the membership audit accept is read from the
+components (:mod:`lightning_privacy.sweep.components`), and every one of them is built once while
+the file is validated, so their own checks report a bad value at its line.
 
 Example:
     >>> config = parse_sweep_config('''
@@ -77,6 +81,7 @@ import yaml
 from lightning_privacy._registry import suggestion
 from lightning_privacy._validation import check_float, describe
 from lightning_privacy.attacks import ATTACKS, create_attack
+from lightning_privacy.membership import MEMBERSHIP_ATTACKS
 from lightning_privacy.sweep.components import (
     ATTACK_KEYS,
     SPECIAL_DEFENSES,
@@ -88,6 +93,8 @@ from lightning_privacy.sweep.components import (
     integer_strength,
     leakage_arguments,
     leakage_callback,
+    membership_arguments,
+    membership_callback,
     strength_parameter,
 )
 from lightning_privacy.sweep.components import STRENGTH_PARAMETERS as STRENGTH_PARAMETERS
@@ -114,7 +121,15 @@ _SECTIONS: dict[str, dict[str, Any]] = {
         "num_delta_samples": 1,
         "every_n_epochs": 1,
     },
+    "membership": {
+        "attack": "loss",
+        "num_samples": 200,
+        "every_n_epochs": 1,
+        "log_roc": False,
+    },
 }
+#: The observer sections, each one disabled by ``null``.
+OBSERVER_SECTIONS = ("audit", "leakage", "membership")
 _TOP_LEVEL = ("name", "defenses", "backend", "workers", *_SECTIONS)
 T = TypeVar("T")
 #: Keys of a ``defenses:`` entry that are not the component's arguments.
@@ -213,7 +228,8 @@ class TrialSpec:
         defense: ``"none"``, ``"dpsgd"`` or a registered defense name.
         strength: The defense's main argument, ``None`` for ``"none"``.
         options: Other keyword arguments of the defense.
-        settings: The ``data``/``model``/``training``/``audit``/``leakage`` sections the trial
+        settings: The ``data``/``model``/``training``/``audit``/``leakage``/``membership``
+            sections the trial
             runs with: the shared ones with the entry's ``overrides`` applied.
         overrides: The entry's own settings, ``{section: {key: value}}`` (already contained in
             ``settings``; kept to show what differs from the shared settings).
@@ -663,15 +679,19 @@ def _check_core_value(doc: _Located, key: str, name: str, value: Any, prefix: st
 
 
 def _allowed_keys(section: str) -> tuple[str, ...]:
-    """A shared section's keys: its defaults, and for audit/leakage the callback's arguments."""
-    derived = {"audit": audit_arguments, "leakage": leakage_arguments}.get(section)
+    """A shared section's keys: its defaults, and for an observer the callback's arguments."""
+    derived = {
+        "audit": audit_arguments,
+        "leakage": leakage_arguments,
+        "membership": membership_arguments,
+    }.get(section)
     return tuple(dict.fromkeys([*_SECTIONS[section], *(derived() if derived else ())]))
 
 
 def _check_section(doc: _Located, data: dict[str, Any], section: str) -> dict[str, Any] | None:
-    """One shared section with its defaults applied (``None``: ``audit``/``leakage`` off)."""
+    """One shared section with its defaults applied (``None``: that observer is off)."""
     raw = data.get(section, {})
-    if raw is None and section in ("audit", "leakage"):
+    if raw is None and section in OBSERVER_SECTIONS:
         return None
     raw = _check_mapping(doc, raw if raw is not None else {}, section)
     errors = _Errors()
@@ -701,6 +721,8 @@ def _check_settings(doc: _Located, data: dict[str, Any], errors: _Errors) -> dic
         build = partial(leakage_callback, leakage, seed=seed)
         keys = {name: f"leakage.{name}" for name in leakage}
         errors.run(_build, doc, build, what="LeakageMonitor", keys=keys, fallback="leakage")
+    if settings["membership"] is not None:
+        errors.run(_check_membership, doc, settings["membership"], seed)
     return _with_defaults(settings, [e.key for e in errors.items[first:]])
 
 
@@ -710,7 +732,7 @@ def _with_defaults(settings: dict[str, Any], keys: list[str | None]) -> dict[str
     for key in keys:
         section, _, name = (key or "").partition(".")
         name = name.split(".")[0]
-        if section in ("audit", "leakage") and not name:
+        if section in OBSERVER_SECTIONS and not name:
             out[section] = None  # a section-level problem: the trials run without it
         elif isinstance(out.get(section), dict) and name in out[section]:
             if name in _SECTIONS[section]:
@@ -730,6 +752,19 @@ def _check_audit(doc: _Located, audit: dict[str, Any], seed: int) -> None:
     build = partial(audit_callback, audit, seed=seed)
     keys = {name: f"audit.{name}" for name in audit if name not in ATTACK_KEYS}
     _build(doc, build, what="InversionAudit", keys=keys, fallback="audit")
+
+
+def _check_membership(doc: _Located, membership: dict[str, Any], seed: int) -> None:
+    """The attack's name, then ``MembershipAudit``'s checks.
+
+    A reference-model attack is refused at ``membership.attack``: a sweep trains no reference
+    models (``lightning-privacy audit membership`` does).
+    """
+    lookup = partial(MEMBERSHIP_ATTACKS.get, str(membership.get("attack")))
+    _build(doc, lookup, what="membership", keys={}, fallback="membership.attack")
+    build = partial(membership_callback, membership, seed=seed)
+    keys = {name: f"membership.{name}" for name in membership}
+    _build(doc, build, what="MembershipAudit", keys=keys, fallback="membership.attack")
 
 
 def ray_available() -> bool:

@@ -1,8 +1,10 @@
 """Privacy-utility Pareto fronts and their plots (matplotlib, Agg backend).
 
 A configuration is on the front when no other one has both higher validation accuracy and less
-leakage (lower attack PSNR, or lower ε). :func:`pareto_figure` draws a plot in memory (the report
-embeds it); :func:`write_pareto_plots` writes the PNG files of a sweep (the runner calls it).
+leakage (lower attack PSNR, lower membership-inference AUC, or lower ε). :func:`pareto_figure`
+draws a plot in memory (the report embeds it); :func:`epsilon_audit_figure` sets the
+accountant's ε beside the ε the membership audit proves; :func:`write_pareto_plots` writes the
+PNG files of a sweep (the runner calls it).
 
 Example:
     >>> pareto_front([(30.0, 0.9), (20.0, 0.8), (25.0, 0.7), (10.0, 0.5)])
@@ -23,8 +25,12 @@ from lightning_privacy.sweep.results import write_atomic
 PARETO_PLOTS = (
     ("pareto_attack_psnr.png", "attack_psnr", "attack PSNR (dB, lower = less leakage)", False),
     ("pareto_predicted_psnr.png", "predicted_psnr", "I²F predicted PSNR (dB)", False),
+    ("pareto_mia_auc.png", "mia_auc", "MIA AUC (0.5 = members look like non-members)", False),
     ("pareto_epsilon.png", "epsilon", "ε (log scale, lower = stronger guarantee)", True),
 )
+
+#: The file of :func:`epsilon_audit_figure` in a sweep's directory.
+EPSILON_AUDIT_PLOT = "epsilon_audit.png"
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -204,16 +210,73 @@ def plot_pareto(
     return write_atomic(path, figure_png(fig))
 
 
+def _audit_points(
+    results: Sequence[Mapping[str, Any]],
+) -> tuple[list[tuple[float, float, str]], list[str]]:
+    """``(accountant ε, audited ε, label)`` of the trials with both; notes for those without."""
+    points, notes = [], []
+    for row in results:
+        label = str(row.get("label", row.get("trial_id", "?")))
+        formal, audited = _number(row.get("epsilon")), _number(row.get("audited_epsilon"))
+        if audited is None:
+            continue
+        if formal is None or formal <= 0:
+            notes.append(f"{label}: audited ε ≥ {audited:.2g}, no formal ε")
+        else:
+            points.append((formal, audited, label))
+    return points, notes
+
+
+def epsilon_audit_figure(results: Sequence[Mapping[str, Any]]) -> Any:
+    """Audited ε (membership audit, a lower bound) against the accountant's ε, one point a trial.
+
+    A correct accountant keeps every point on or below the diagonal. Trials with an audited ε
+    but no finite formal one (no defense, a defense without a guarantee) are listed in the note.
+
+    Example:
+        >>> rows = [{"label": "dpsgd=1", "epsilon": 3.0, "audited_epsilon": 0.4},
+        ...         {"label": "none", "epsilon": float("inf"), "audited_epsilon": 1.2}]
+        >>> fig = epsilon_audit_figure(rows)
+        >>> fig.axes[0].get_xlabel(), len(fig.texts)
+        ("accountant's ε (log scale)", 1)
+        >>> agg_pyplot().close(fig)
+    """
+    points, notes = _audit_points(results)
+    fig, ax = agg_pyplot().subplots(figsize=(5.6, 4.0), dpi=80)
+    if points:
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        ax.scatter(xs, ys, color="tab:blue", s=36, zorder=3)
+        for x, y, label in points:
+            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        low, high = min(xs) / 2, max(*xs, *ys) * 2
+        ax.plot([low, high], [low, high], "k--", lw=1, label="audited = accountant's ε")
+        ax.set_xlim(low, high)
+        ax.set_xscale("log")
+        ax.legend(fontsize=7, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no trial has both ε", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("accountant's ε (log scale)")
+    ax.set_ylabel("audited ε (lower bound, 95 %)")
+    ax.set_title("accountant ε vs audited ε", fontsize=10)
+    if notes:
+        fig.text(0.01, 0.01, "; ".join(notes)[:160], fontsize=6, color="grey")
+    ax.grid(alpha=0.3)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
+
+
 def write_pareto_plots(results: Sequence[Mapping[str, Any]], out_dir: str | Path) -> list[Path]:
-    """Write every plot of :data:`PARETO_PLOTS` into ``out_dir``.
+    """Write every plot of :data:`PARETO_PLOTS` and :data:`EPSILON_AUDIT_PLOT` into ``out_dir``.
 
     Example:
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as d:
-        ...     [p.name for p in write_pareto_plots([], d)][0]
-        'pareto_attack_psnr.png'
+        ...     [p.name for p in write_pareto_plots([], d)][::4]
+        ['pareto_attack_psnr.png', 'epsilon_audit.png']
     """
-    return [
+    written = [
         plot_pareto(results, key, label, Path(out_dir) / name, log_x=log_x)
         for name, key, label, log_x in PARETO_PLOTS
     ]
+    audit = figure_png(epsilon_audit_figure(results))
+    return [*written, write_atomic(Path(out_dir) / EPSILON_AUDIT_PLOT, audit)]

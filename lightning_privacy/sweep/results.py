@@ -57,6 +57,9 @@ RESULT_COLUMNS = (
     "attack_psnr",
     "attack_ssim",
     "predicted_psnr",
+    "mia_auc",
+    "mia_tpr_at_1pct_fpr",
+    "audited_epsilon",
     "seconds",
     "status",
 )
@@ -70,7 +73,17 @@ SCHEMA_VERSION = 1
 INVALID_FILE = "result.invalid.json"
 #: Keys every ``result.json`` holds, whatever its version.
 _REQUIRED_KEYS = ("trial_id", "label", "defense", "status")
-_NUMBERS = ("strength", "val_acc", "epsilon", "attack_psnr", "attack_ssim", "predicted_psnr")
+_NUMBERS = (
+    "strength",
+    "val_acc",
+    "epsilon",
+    "attack_psnr",
+    "attack_ssim",
+    "predicted_psnr",
+    "mia_auc",
+    "mia_tpr_at_1pct_fpr",
+    "audited_epsilon",
+)
 
 
 def write_atomic(path: str | Path, content: str | bytes) -> Path:
@@ -128,6 +141,10 @@ class TrialResult:
         attack_psnr: PSNR of the audit's reconstruction (dB).
         attack_ssim: SSIM of the audit's reconstruction.
         predicted_psnr: The I²F predicted PSNR (dB).
+        mia_auc: The membership audit's AUC (0.5: members and non-members look alike).
+        mia_tpr_at_1pct_fpr: Its true-positive rate at 1 % false positives.
+        audited_epsilon: The ε its scores prove (one-sided Clopper-Pearson, 95 %): an empirical
+            lower bound to read beside ``epsilon``.
         seconds: Training time, audits included.
         status: ``"ok"``, or ``"failed: <reason>"``.
         warnings: The first line of every distinct warning raised during training.
@@ -156,6 +173,9 @@ class TrialResult:
     attack_psnr: float | None = None
     attack_ssim: float | None = None
     predicted_psnr: float | None = None
+    mia_auc: float | None = None
+    mia_tpr_at_1pct_fpr: float | None = None
+    audited_epsilon: float | None = None
     seconds: float | None = None
     status: str = STATUS_OK
     warnings: tuple[str, ...] = ()
@@ -552,7 +572,7 @@ def write_results_csv(results: Iterable[TrialResult | Mapping[str, Any]], path: 
         >>> with tempfile.TemporaryDirectory() as d:
         ...     p = write_results_csv([{"trial_id": "a", "val_acc": 0.5}], os.path.join(d, "r.csv"))
         ...     p.read_text().splitlines()[1]
-        'a,,,0.5,,,,,,ok'
+        'a,,,0.5,,,,,,,,,ok'
     """
     buffer = io.StringIO()
     writer = csv.writer(buffer)

@@ -320,7 +320,7 @@ def run_sweep(
         >>> failing = lambda spec, out: {"status": "failed: no GPU"}
         >>> with tempfile.TemporaryDirectory() as d:
         ...     rows = run_sweep(config, d, trial_fn=failing, in_process=True, progress=False)
-        ...     files = sorted(f for f in os.listdir(d) if not f.startswith(("pareto", ".")))
+        ...     files = sorted(f for f in os.listdir(d) if not f.endswith(".png") and f[0] != ".")
         ...     row = read_results_csv(os.path.join(d, "results.csv"))[0]
         >>> files, rows
         (['report.html', 'results.csv', 'sweep.json'], [{'status': 'failed: no GPU'}])

@@ -37,6 +37,7 @@ from lightning_privacy.sweep.components import (
     build_transform,
     defense_callback,
     leakage_callback,
+    membership_callback,
 )
 from lightning_privacy.sweep.config import TrialSpec
 from lightning_privacy.sweep.results import (
@@ -73,6 +74,9 @@ _MEASURED = {
     "attack_psnr": "attack/psnr",
     "attack_ssim": "attack/ssim",
     "predicted_psnr": "leakage/predicted_psnr",
+    "mia_auc": "membership/auc",
+    "mia_tpr_at_1pct_fpr": "membership/tpr_at_fpr_0.01",
+    "audited_epsilon": "membership/epsilon_lower_bound",
 }
 
 
@@ -90,7 +94,7 @@ def build_transforms(spec: TrialSpec) -> list[GradientTransform]:
 
 
 def build_callbacks(spec: TrialSpec) -> list[Callback]:
-    """The callbacks of a trial: its defense, then the audit and the leakage monitor if enabled.
+    """The callbacks of a trial: its defense, then the observers that are enabled.
 
     Every callback is built from its section with the sweep's training seed
     (:mod:`lightning_privacy.sweep.components`).
@@ -99,15 +103,17 @@ def build_callbacks(spec: TrialSpec) -> list[Callback]:
         >>> from lightning_privacy.sweep.config import parse_sweep_config
         >>> spec = parse_sweep_config("defenses: [{name: dpsgd, strengths: [1.0]}]").trials()[0]
         >>> [type(c).__name__ for c in build_callbacks(spec)]
-        ['DPSGD', 'InversionAudit', 'LeakageMonitor']
+        ['DPSGD', 'InversionAudit', 'LeakageMonitor', 'MembershipAudit']
     """
     settings = spec.settings
     seed = int(settings["training"]["seed"])
     audit, leakage = settings.get("audit"), settings.get("leakage")
+    membership = settings.get("membership")
     callbacks = [
         defense_callback(spec.defense, spec.strength, spec.options, seed=seed),
         None if audit is None else audit_callback(audit, seed=seed),
         None if leakage is None else leakage_callback(leakage, seed=seed),
+        None if membership is None else membership_callback(membership, seed=seed),
     ]
     return [callback for callback in callbacks if callback is not None]
 
@@ -329,7 +335,8 @@ def run_trial(
 
     Returns:
         The :class:`~lightning_privacy.sweep.results.TrialResult` as its ``result.json`` dict:
-        ``val_acc``, ``epsilon``, ``attack_psnr``, ``attack_ssim``, ``predicted_psnr``,
+        ``val_acc``, ``epsilon``, ``attack_psnr``, ``attack_ssim``, ``predicted_psnr``, the
+        membership audit's ``mia_auc``, ``mia_tpr_at_1pct_fpr`` and ``audited_epsilon``,
         ``seconds``, the logged ``history``, the ``threat_model`` and the ``overrides`` the trial
         ran with (``"model.lr=0.03, data.batch_size=128"``, or ``""``).
 

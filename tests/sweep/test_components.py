@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import pytest
 
-from lightning_privacy.callbacks import DPSGD, GradientDefense, LeakageMonitor
+from lightning_privacy.callbacks import DPSGD, GradientDefense, LeakageMonitor, MembershipAudit
 from lightning_privacy.defenses import DEFENSES, GradientTransform
 from lightning_privacy.sweep import STRENGTH_PARAMETERS, SweepConfigError, parse_sweep_config
 from lightning_privacy.sweep.components import defense_options, integer_strength
@@ -54,6 +54,7 @@ data: {{image_size: 16, batch_size: 16}}
 training: {{epochs: 1, limit_train_batches: 2}}
 audit: null
 leakage: null
+membership: null
 """
     assert STRENGTH_PARAMETERS[quantize] == "levels" and integer_strength(quantize)
     assert defense_options(quantize) == ("step",)
@@ -128,8 +129,12 @@ def test_options_are_the_components_arguments():
         "defenses: [{name: dpsgd, strengths: [2.0], max_grad_norm: 0.5, poisson_sampling: false}]\n"
         "leakage: {damping: 0.1, on_exceed: stop, max_predicted_psnr: 40}\n"
         "audit: null\n"
+        "membership: {attack: confidence, num_samples: 50, per_class: true}\n"
     ).trials()[0]
-    dpsgd, leakage = build_callbacks(spec)
+    dpsgd, leakage, membership = build_callbacks(spec)
     assert isinstance(dpsgd, DPSGD) and dpsgd.max_grad_norm == 0.5
     assert isinstance(leakage, LeakageMonitor)
     assert (leakage.damping, leakage.on_exceed, leakage.num_samples) == (0.1, "stop", 1)
+    assert isinstance(membership, MembershipAudit)
+    assert type(membership.attack).__name__ == "ConfidenceAttack"
+    assert (membership.num_samples, membership.per_class, membership.log_roc) == (50, True, False)

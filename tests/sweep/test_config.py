@@ -363,6 +363,14 @@ def test_transform_option_error_names_the_option():
             4,
             ["`max_iterations`"],
         ),
+        ("membership:\n  attack: los\n", "membership.attack", 3, ["'loss'", "'los'"]),
+        (
+            "membership:\n  num_samples: 5\n",
+            "membership.num_samples",
+            3,
+            ["`num_samples`", ">= 10", "5 (int)"],
+        ),
+        ("membership:\n  attack: rmia\n", "membership.attack", 3, ["needs reference models"]),
     ],
     ids=[
         "estimator",
@@ -373,6 +381,9 @@ def test_transform_option_error_names_the_option():
         "audit-seconds",
         "attack",
         "attack-option",
+        "membership-attack",
+        "membership-samples",
+        "membership-reference",
     ],
 )
 def test_audit_and_leakage_errors_are_caught_with_their_line(section, key, line, fragments):

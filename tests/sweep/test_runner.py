@@ -97,6 +97,36 @@ def test_six_trial_sweep_writes_csv_plots_and_report(tmp_path):
     assert [r["trial_id"] for r in load_results(tmp_path)] == [r["trial_id"] for r in rows]
 
 
+def test_membership_columns_and_their_panels(tmp_path):
+    config = parse_sweep_config(
+        "defenses: [{name: none}, {name: dpsgd, strengths: [1.0], poisson_sampling: false}]\n"
+        "data: {image_size: 16, batch_size: 16}\n"
+        "training: {epochs: 1, limit_train_batches: 3}\n"
+        "audit: null\nleakage: null\n"
+        "membership: {attack: loss, num_samples: 100}\n"
+    )
+    results = run_sweep(config, tmp_path, in_process=True, progress=False)
+    assert [r["status"] for r in results] == ["ok", "ok"]
+    with open(tmp_path / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    for row, result in zip(rows, results, strict=True):
+        # each column is the last value the trial's MembershipAudit logged
+        for column, key in (
+            ("mia_auc", "membership/auc"),
+            ("mia_tpr_at_1pct_fpr", "membership/tpr_at_fpr_0.01"),
+            ("audited_epsilon", "membership/epsilon_lower_bound"),
+        ):
+            assert float(row[column]) == pytest.approx(result["history"][key][-1][1])
+        assert 0.0 <= float(row["mia_auc"]) <= 1.0 and float(row["audited_epsilon"]) >= 0.0
+    dpsgd = rows[1]
+    assert float(dpsgd["audited_epsilon"]) <= float(dpsgd["epsilon"])
+    for name in ("pareto_mia_auc.png", "epsilon_audit.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG
+    html = (tmp_path / "report.html").read_text()
+    assert "accuracy vs MIA AUC" in html and "accountant ε vs audited ε" in html
+    assert "<th>MIA AUC</th>" in html and "<th>audited ε</th>" in html
+
+
 def test_rerun_skips_finished_trials_and_reruns_failed_ones(tmp_path):
     config = parse_sweep_config("defenses:\n  - {name: gaussian_noise, strengths: [1, 2, 3]}\n")
     calls = []
