@@ -6,7 +6,7 @@ Example:
     'IDLG'
 """
 
-from lightning_privacy.attacks.analytic import AnalyticLinear, TokenLeakage
+from lightning_privacy.attacks.analytic import AnalyticLinear, AnalyticPatchEmbedding, TokenLeakage
 from lightning_privacy.attacks.base import ATTACKS, Attack, create_attack, list_attacks
 from lightning_privacy.attacks.dlg import IDLG, DeepLeakage
 from lightning_privacy.attacks.inverting import InvertingGradients
@@ -16,6 +16,7 @@ __all__ = [
     "ATTACKS",
     "IDLG",
     "AnalyticLinear",
+    "AnalyticPatchEmbedding",
     "Attack",
     "DeepLeakage",
     "InvertingGradients",

@@ -1,4 +1,6 @@
-"""Closed-form attacks as registered components: ``AnalyticLinear`` and ``TokenLeakage``.
+"""Closed-form attacks as registered components.
+
+``AnalyticLinear``, ``AnalyticPatchEmbedding`` and ``TokenLeakage``.
 
 Example:
     >>> from lightning_privacy.attacks import create_attack
@@ -14,6 +16,7 @@ from typing import ClassVar
 from lightning_privacy._validation import check_float
 from lightning_privacy.attacks.base import ATTACKS, Attack
 from lightning_privacy.functional.attacks.analytic import analytic_linear, token_leakage
+from lightning_privacy.functional.attacks.patch_embedding import analytic_patch_embedding
 
 
 @ATTACKS.register("analytic_linear")
@@ -48,6 +51,52 @@ class AnalyticLinear(Attack):
 
     def __post_init__(self) -> None:
         check_float("tol", self.tol, low=0.0, high=1.0, low_open=True)
+
+
+@ATTACKS.register("analytic_patch_embedding")
+@dataclass(frozen=True)
+class AnalyticPatchEmbedding(Attack):
+    """Exact input recovery from a vision transformer's stem gradients alone.
+
+    The position embedding's gradient is the tokens' gradient ``Δ``, and the linear patch
+    embedding's is ``Δᵀ X``: the patches ``X`` follow by least squares, exactly when the token
+    gradients are independent (:mod:`lightning_privacy.functional.attacks.patch_embedding`).
+    One example at a time (the position gradient of a batch is the sum over it). The attack on
+    the ``stem`` layer group that needs no optimisation.
+
+    Args:
+        patch_embed: Module name of the patch embedding (default: the first conv with
+            kernel = stride).
+        pos_embed: Parameter name of the position embedding (default: ``*pos_embed*``).
+        tol: Largest relative mismatch between the summed token gradients and the bias gradient
+            (the check that nothing transforms the tokens between the two embeddings); ``None``
+            skips it, for a defended gradient whose noise breaks that identity.
+
+    Example:
+        >>> import timm, torch
+        >>> from lightning_privacy.functional import parameter_gradients
+        >>> from lightning_privacy.models.timm_models import layer_groups
+        >>> _ = torch.manual_seed(0)
+        >>> vit = timm.models.VisionTransformer(img_size=8, patch_size=4, num_classes=3,
+        ...                                     embed_dim=16, depth=1, num_heads=2).eval()
+        >>> x, y = torch.rand(1, 3, 8, 8), torch.tensor([2])
+        >>> g = parameter_gradients(vit, x, y, loss_fn=torch.nn.functional.cross_entropy)
+        >>> stem = {n: g[n] for n in layer_groups(vit)["stem"]}
+        >>> rec = AnalyticPatchEmbedding().reconstruct(vit, stem, input_shape=(3, 8, 8),
+        ...                                            num_samples=1)
+        >>> float((rec.inputs - x).abs().max()) < 1e-4
+        True
+    """
+
+    patch_embed: str | None = None
+    pos_embed: str | None = None
+    tol: float | None = 1e-3
+    function = staticmethod(analytic_patch_embedding)
+    common_arguments = ("labels", "loss_fn")
+
+    def __post_init__(self) -> None:
+        if self.tol is not None:
+            check_float("tol", self.tol, low=0.0, low_open=True)
 
 
 @ATTACKS.register("token_leakage")

@@ -17,6 +17,7 @@ from lightning_privacy.models import TinyTransformerLM
 # attack needs an entry: the contract test fails for one that has none)
 QUICK = {
     "analytic_linear": {},
+    "analytic_patch_embedding": {},
     "deep_leakage": dict(max_iterations=2, restarts=1),
     "idlg": dict(max_iterations=2, restarts=1),
     "inverting_gradients": dict(max_iterations=2),
@@ -41,7 +42,21 @@ def text_victim():
     return lm, parameter_gradients(lm, tokens, tokens, loss_fn=lm.loss_fn), (6,)
 
 
+def vit_victim():
+    """A one-block timm ViT (linear patch embedding, learned positions) and one 3x8x8 input."""
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.models.VisionTransformer(
+        img_size=8, patch_size=4, num_classes=3, embed_dim=16, depth=1, num_heads=2
+    ).eval()
+    x, y = random_tensors(1, (3, 8, 8), num_classes=3, seed=1)
+    return vit, observed_gradients_of(vit, x, y), (3, 8, 8)
+
+
 VICTIMS = {"image": image_victim, "text": text_victim}
+#: Attacks whose threat model needs another victim: (victim, batch size).
+OWN_VICTIMS = {"analytic_patch_embedding": (vit_victim, 1)}
 
 
 @pytest.mark.parametrize("name", list_attacks())
@@ -53,7 +68,8 @@ def test_every_registered_attack_keeps_the_interface_contract(name):
     assert isinstance(attack, Attack) and type(attack) is cls
     assert dataclasses.is_dataclass(attack) and cls.__dataclass_params__.frozen
     assert cls.modality in VICTIMS, f"{name}: unknown modality {cls.modality!r}"
-    model, gradients, input_shape = VICTIMS[cls.modality]()
+    victim, num_samples = OWN_VICTIMS.get(name, (VICTIMS[cls.modality], NUM_SAMPLES))
+    model, gradients, input_shape = victim()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     state = torch.get_rng_state()
 
@@ -62,7 +78,7 @@ def test_every_registered_attack_keeps_the_interface_contract(name):
             model,
             gradients,
             input_shape=input_shape,
-            num_samples=NUM_SAMPLES,
+            num_samples=num_samples,
             generator=torch.Generator().manual_seed(0),
         )
 
@@ -70,13 +86,13 @@ def test_every_registered_attack_keeps_the_interface_contract(name):
     assert torch.equal(torch.get_rng_state(), state)  # randomness from the generator only
     assert isinstance(rec, Reconstruction)
     if cls.modality == "image":
-        assert rec.inputs.shape == (NUM_SAMPLES, *input_shape) and rec.inputs.is_floating_point()
+        assert rec.inputs.shape == (num_samples, *input_shape) and rec.inputs.is_floating_point()
         assert torch.isfinite(rec.inputs).all()
     else:  # the recovered token ids, sorted
         assert rec.inputs.ndim == 1 and rec.inputs.dtype == torch.int64
         assert int(rec.inputs.min()) >= 0 and int(rec.inputs.max()) < VOCAB
     if rec.labels is not None:
-        assert rec.labels.shape == (NUM_SAMPLES,) and rec.labels.dtype == torch.int64
+        assert rec.labels.shape == (num_samples,) and rec.labels.dtype == torch.int64
     assert torch.equal(rec.inputs, again.inputs)  # same generator seed, same reconstruction
     # the model is read, never written: no .grad, same weights and BatchNorm buffers
     assert all(p.grad is None for p in model.parameters())

@@ -17,11 +17,13 @@ from lightning_privacy.functional.attacks.common import (
 )
 from lightning_privacy.functional.attacks.dlg import deep_leakage
 from lightning_privacy.functional.attacks.inverting import inverting_gradients
+from lightning_privacy.functional.attacks.patch_embedding import analytic_patch_embedding
 
 __all__ = [
     "GradientMatcher",
     "Reconstruction",
     "analytic_linear",
+    "analytic_patch_embedding",
     "deep_leakage",
     "inverting_gradients",
     "observed_gradients_of",

@@ -117,7 +117,7 @@ def analytic_linear(
     return build_reconstruction(
         model,
         inputs=inputs,
-        labels=_labels_or_none(model, target, num_samples, labels),
+        labels=labels_or_none(model, target, num_samples, labels),
         history=[],
         labels_known=labels is not None,
         attack="analytic_linear",
@@ -156,7 +156,7 @@ def _inputs_from_rows(
     return inputs.reshape(num_samples, *input_shape), groups
 
 
-def _labels_or_none(
+def labels_or_none(
     model: nn.Module, target: dict[str, Tensor], num_samples: int, labels: Tensor | None
 ) -> Tensor | None:
     """The given labels, else those read off the last linear layer, else ``None`` (not seen)."""
