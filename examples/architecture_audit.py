@@ -4,11 +4,21 @@ ResNet-18, a small ViT and ConvNeXt-Atto (timm, ``pretrained=False``, 32 px, ran
 initialised, eval mode) face the same attack -- Inverting Gradients (cosine + TV, signed Adam)
 with the same iteration budget, the label known -- on the same embedded photo patches. The
 attacker sees first the whole gradient, then only one layer group's gradient (stem, attention,
-MLP, norm, head). Prints PSNR/SSIM per architecture and group and writes a
-grid of the reconstructions.
+MLP, norm, head). For a model whose stem is a linear patch embedding plus a learned position
+embedding (the ViT), the stem's gradient is also attacked in closed form
+(``analytic_patch_embedding``: the position embedding's gradient is the tokens' gradient, and
+the patches solve a linear system), the row ``stem, closed form``. Prints PSNR/SSIM per
+architecture and group and writes a grid of the reconstructions.
+
+``--stem-noise 1e-4,1e-3,...`` adds a table for the ViT: Gaussian noise of each std on the stem
+gradient only, the closed-form stem attack's PSNR beside the I²F prediction for the same noise
+and the same observed parameters (``sqrt(E I2F²) = std · sqrt(tr((J_stem J_stemᵀ)⁻¹))`` from the
+dense Gram matrix of the stem's Jacobian), mean ± std over ``--images``.
 
     python examples/architecture_audit.py            # ~10-20 min on 1 busy CPU core
     python examples/architecture_audit.py --quick    # smoke run, seconds
+    python examples/architecture_audit.py --architectures vit_tiny --groups stem --images 8 \
+        --stem-noise 1e-4,1e-3,1e-2 --image-size 16
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from lightning_privacy.attacks import create_attack
+from lightning_privacy.attacks import AnalyticPatchEmbedding, create_attack
 from lightning_privacy.data import load_photo_patches
 from lightning_privacy.functional.gradients import parameter_gradients
 from lightning_privacy.models.timm_models import ARCHITECTURES, build_timm_model, layer_groups
@@ -65,6 +75,87 @@ def save_grid(rows: list[tuple[str, torch.Tensor]], path: Path) -> None:
     plt.close(fig)
 
 
+def closed_form_stem(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, picks: torch.Tensor
+) -> tuple[list[dict[str, float]], float, torch.Tensor] | None:
+    """Scores of ``analytic_patch_embedding`` on the stem gradient of each pick, its seconds and
+    the first reconstruction; ``None`` when the stem is not a patch + position embedding."""
+    stem = layer_groups(model)["stem"]
+    if not any("pos_embed" in name for name in stem):
+        return None
+    scores, seconds, first = [], 0.0, None
+    for index in picks.tolist():
+        x, y = images[index : index + 1], labels[index : index + 1]
+        grads = parameter_gradients(model, x, y, loss_fn=F.cross_entropy)
+        start = time.perf_counter()
+        rec = AnalyticPatchEmbedding().reconstruct(
+            model, {n: grads[n] for n in stem}, input_shape=tuple(x.shape[1:]), num_samples=1
+        )
+        seconds += time.perf_counter() - start
+        scores.append(score(rec.inputs.detach().clamp(0, 1), x))
+        first = rec.inputs.detach()[0] if first is None else first
+    assert first is not None
+    return scores, seconds, first
+
+
+def mean_std(values: list[float]) -> str:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    spread = float(tensor.std()) if len(values) > 1 else 0.0
+    return f"{float(tensor.mean()):.2f} ± {spread:.2f}"
+
+
+def stem_trace_inverse(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """``tr((J Jᵀ)⁻¹)`` of the stem's gradient Jacobian (dense, float64)."""
+    from lightning_privacy.functional.gradients import differentiable_attention
+    from lightning_privacy.functional.leakage import LeakageOperator, gram_solver
+
+    with differentiable_attention():
+        op = LeakageOperator(model, x, y, layers=layer_groups(model)["stem"])
+        return gram_solver(op, method="dense").trace_inverse()
+
+
+def stem_noise_table(
+    console: Console,
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    picks: torch.Tensor,
+    stds: list[float],
+    seed: int,
+) -> None:
+    """Closed-form stem attack under Gaussian noise on the stem vs the I²F prediction."""
+    from lightning_privacy.functional.leakage import predicted_psnr
+
+    stem = layer_groups(model)["stem"]
+    attack = AnalyticPatchEmbedding(tol=None)
+    generator = torch.Generator().manual_seed(seed)
+    attacked: dict[float, list[float]] = {s: [] for s in stds}
+    predicted: dict[float, list[float]] = {s: [] for s in stds}
+    for index in picks.tolist():
+        x, y = images[index : index + 1], labels[index : index + 1]
+        grads = parameter_gradients(model, x, y, loss_fn=F.cross_entropy)
+        trace = stem_trace_inverse(model, x, y)
+        for std in stds:
+            noisy = {
+                n: grads[n] + std * torch.randn(grads[n].shape, generator=generator) for n in stem
+            }
+            rec = attack.reconstruct(model, noisy, input_shape=tuple(x.shape[1:]), num_samples=1)
+            attacked[std].append(score(rec.inputs.detach().clamp(0, 1), x)["psnr"])
+            i2f = std * trace**0.5
+            predicted[std].append(float(predicted_psnr(i2f, x.numel())))
+    table = Table(title=f"ViT stem under Gaussian noise on the stem gradient, {len(picks)} images")
+    for column in ("noise std", "closed-form attack PSNR (dB)", "I²F predicted PSNR (dB)"):
+        table.add_column(column, justify="right")
+    for std in stds:
+        table.add_row(f"{std:g}", mean_std(attacked[std]), mean_std(predicted[std]))
+        print(
+            f"# stem noise {std:g}: attack {mean_std(attacked[std])} dB, "
+            f"I2F {mean_std(predicted[std])} dB",
+            flush=True,
+        )
+    console.print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run")
@@ -73,6 +164,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/architecture_audit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES))
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--stem-noise", default=None, help="noise stds for the ViT stem table")
     parser.add_argument(
         "--groups", nargs="*", default=None, help="layer groups to attack alone (none: skip)"
     )
@@ -82,14 +175,15 @@ def main() -> None:
     groups = tuple(args.groups) if args.groups is not None else GROUPS
     if args.quick and args.groups is None:
         groups = ("stem", "head")
-    images, labels = load_photo_patches(image_size=32, channels=3)
+    images, labels = load_photo_patches(image_size=args.image_size, channels=3)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
     picks = order[: args.images]
     num_classes = int(labels.max()) + 1
     attack = create_attack("inverting_gradients", max_iterations=iterations)
     console = Console()
     table = Table(
-        title=f"Inverting Gradients, {iterations} iterations, {len(picks)} image(s), 32 px, "
+        title=f"Inverting Gradients, {iterations} iterations, {len(picks)} image(s), "
+        f"{args.image_size} px, "
         "labels known, random init, eval mode"
     )
     for column in ("architecture", "gradient seen", "params", "PSNR (dB)", "SSIM", "seconds"):
@@ -108,7 +202,7 @@ def main() -> None:
     summary: dict[str, dict[str, float]] = {}
     for arch in args.architectures:
         torch.manual_seed(args.seed)
-        model = build_timm_model(arch, num_classes=num_classes).eval()
+        model = build_timm_model(arch, num_classes=num_classes, image_size=args.image_size).eval()
         named = layer_groups(model)
         for group in ("all", *groups):
             names = [n for n, _ in model.named_parameters()] if group == "all" else named[group]
@@ -142,7 +236,20 @@ def main() -> None:
                 f"# {arch} {group}: PSNR {psnr:.2f} dB, SSIM {ssim:.3f}, {seconds:.0f} s",
                 flush=True,
             )
+        closed = closed_form_stem(model, images, labels, picks) if "stem" in groups else None
+        if closed is not None:
+            scores, seconds, first = closed
+            psnr = sum(s["psnr"] for s in scores) / len(scores)
+            ssim = sum(s["ssim"] for s in scores) / len(scores)
+            stem_count = sum(p.numel() for n, p in model.named_parameters() if n in named["stem"])
+            row = (f"{stem_count:,}", f"{psnr:.2f}", f"{ssim:.3f}", f"{seconds:.2f}")
+            table.add_row(arch, "stem, closed form", *row)
+            grid.append((f"{arch} stem, closed form", first))
+            print(f"# {arch} stem, closed form: PSNR {psnr:.2f} dB, SSIM {ssim:.3f}", flush=True)
         table.add_section()
+        if args.stem_noise and closed is not None:
+            stds = [float(v) for v in args.stem_noise.split(",")]
+            stem_noise_table(console, model, images, labels, picks, stds, args.seed)
     console.print(table)
     out = Path(args.out)
     save_grid(grid, out / "reconstructions.png")
