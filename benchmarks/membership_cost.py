@@ -40,6 +40,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from dpsgd_overhead import make_cnn  # this folder is on sys.path when run as a script
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -54,21 +55,8 @@ VARIANTS = (("loss", False), ("loss", True), ("modified_entropy", False))
 def make_model(name: str) -> nn.Module:
     """The network of a row, seeded."""
     torch.manual_seed(0)
-    if name == "cnn":
-        return nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1),
-            nn.GroupNorm(8, 32),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1),
-            nn.GroupNorm(8, 64),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(64 * 8 * 8, 128),
-            nn.ReLU(),
-            nn.Linear(128, 10),
-        )
+    if name == "cnn":  # the GroupNorm CNN of dpsgd_overhead.py
+        return make_cnn()
     if name == "resnet18":
         import torchvision
 

@@ -73,17 +73,7 @@ SCHEMA_VERSION = 1
 INVALID_FILE = "result.invalid.json"
 #: Keys every ``result.json`` holds, whatever its version.
 _REQUIRED_KEYS = ("trial_id", "label", "defense", "status")
-_NUMBERS = (
-    "strength",
-    "val_acc",
-    "epsilon",
-    "attack_psnr",
-    "attack_ssim",
-    "predicted_psnr",
-    "mia_auc",
-    "mia_tpr_at_1pct_fpr",
-    "audited_epsilon",
-)
+_NUMBERS = tuple(c for c in RESULT_COLUMNS if c not in ("trial_id", "defense", "seconds", "status"))
 
 
 def write_atomic(path: str | Path, content: str | bytes) -> Path:
