@@ -126,6 +126,8 @@ def _wandb_records(path):
             pos += block - pos % block
             continue
         length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if pos + 7 + length > len(data):  # the writer is still on this record
+            return
         payload += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST: a record is complete
@@ -139,16 +141,23 @@ def _wandb_history(run_file, seconds=60.0):
     """The history rows of an offline run file, once wandb's service has written them.
 
     ``wandb.finish()`` returns before its separate writer process has always flushed the file on
-    a loaded machine (an empty history was read in one of three full-suite runs); poll until the
-    rows stop changing.
+    a loaded machine (an empty history was read in one of three full-suite runs, a half-written
+    record in another); poll until the rows parse and stop changing.
     """
+    from google.protobuf.message import DecodeError
+
     deadline, previous = time.monotonic() + seconds, None
     while True:
-        history = [
-            {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
-            for r in _wandb_records(run_file)
-            if r.WhichOneof("record_type") == "history"
-        ]
+        try:
+            history = [
+                {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
+                for r in _wandb_records(run_file)
+                if r.WhichOneof("record_type") == "history"
+            ]
+        except DecodeError:  # read while a record was half written: read again
+            if time.monotonic() > deadline:
+                raise
+            history = None
         if (history and history == previous) or time.monotonic() > deadline:
             return history
         previous = history
