@@ -10,6 +10,8 @@ embedding (the ViT), the stem's gradient is also attacked in closed form
 the patches solve a linear system), the row ``stem, closed form``. Prints PSNR/SSIM per
 architecture and group and writes a grid of the reconstructions.
 
+``--group-i2f STD`` adds, per architecture, the I²F predicted PSNR of every attacked layer group
+under Gaussian noise ``STD`` on that group, beside Inverting Gradients on the same group.
 ``--stem-noise 1e-4,1e-3,...`` adds a table for the ViT: Gaussian noise of each std on the stem
 gradient only, the closed-form stem attack's PSNR beside the I²F prediction for the same noise
 and the same observed parameters (``sqrt(E I2F²) = std · sqrt(tr((J_stem J_stemᵀ)⁻¹))`` from the
@@ -104,14 +106,50 @@ def mean_std(values: list[float]) -> str:
     return f"{float(tensor.mean()):.2f} ± {spread:.2f}"
 
 
-def stem_trace_inverse(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """``tr((J Jᵀ)⁻¹)`` of the stem's gradient Jacobian (dense, float64)."""
+def trace_inverse(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str]
+) -> float:
+    """``tr((J Jᵀ)⁻¹)`` of the Jacobian of the gradient of parameters ``names`` (dense)."""
+    import re
+
     from lightning_privacy.functional.gradients import differentiable_attention
     from lightning_privacy.functional.leakage import LeakageOperator, gram_solver
 
+    exact = [f"^{re.escape(name)}$" for name in names]
     with differentiable_attention():
-        op = LeakageOperator(model, x, y, layers=layer_groups(model)["stem"])
+        op = LeakageOperator(model, x, y, layers=exact)
         return gram_solver(op, method="dense").trace_inverse()
+
+
+def group_i2f_table(
+    console: Console,
+    model: torch.nn.Module,
+    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    std: float,
+    attacked: dict[str, float],
+) -> None:
+    """Per layer group: the I²F predicted PSNR at Gaussian noise ``std`` on that group (the
+    attacker sees that group only) beside Inverting Gradients on the same group."""
+    from lightning_privacy.functional.leakage import predicted_psnr
+
+    images, labels, picks = data
+    table = Table(title=f"I²F per layer group, Gaussian noise std {std:g} on the group")
+    for column in ("group", "parameters", "I²F predicted PSNR (dB)", "IG PSNR, no noise (dB)"):
+        table.add_column(column, justify="left" if column == "group" else "right")
+    for group, names in layer_groups(model).items():
+        if not names or group not in attacked:
+            continue
+        values = []
+        for index in picks.tolist():
+            x, y = images[index : index + 1], labels[index : index + 1]
+            i2f = std * trace_inverse(model, x, y, names) ** 0.5
+            values.append(float(predicted_psnr(i2f, x.numel())))
+        count = sum(p.numel() for n, p in model.named_parameters() if n in set(names))
+        table.add_row(group, f"{count:,}", mean_std(values), f"{attacked[group]:.2f}")
+        print(
+            f"# group {group}: I2F {mean_std(values)} dB, IG {attacked[group]:.2f} dB", flush=True
+        )
+    console.print(table)
 
 
 def stem_noise_table(
@@ -134,7 +172,7 @@ def stem_noise_table(
     for index in picks.tolist():
         x, y = images[index : index + 1], labels[index : index + 1]
         grads = parameter_gradients(model, x, y, loss_fn=F.cross_entropy)
-        trace = stem_trace_inverse(model, x, y)
+        trace = trace_inverse(model, x, y, stem)
         for std in stds:
             noisy = {
                 n: grads[n] + std * torch.randn(grads[n].shape, generator=generator) for n in stem
@@ -166,6 +204,9 @@ def main() -> None:
     parser.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES))
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--stem-noise", default=None, help="noise stds for the ViT stem table")
+    parser.add_argument(
+        "--group-i2f", type=float, default=None, help="noise std of the per-group I²F table"
+    )
     parser.add_argument(
         "--groups", nargs="*", default=None, help="layer groups to attack alone (none: skip)"
     )
@@ -250,6 +291,9 @@ def main() -> None:
         if args.stem_noise and closed is not None:
             stds = [float(v) for v in args.stem_noise.split(",")]
             stem_noise_table(console, model, images, labels, picks, stds, args.seed)
+        if args.group_i2f is not None:
+            data = (images, labels, picks)
+            group_i2f_table(console, model, data, args.group_i2f, summary.get(arch, {}))
     console.print(table)
     out = Path(args.out)
     save_grid(grid, out / "reconstructions.png")

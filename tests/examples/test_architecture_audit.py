@@ -58,6 +58,8 @@ def test_stem_noise_table_quick(tmp_path):
             "8",
             "--stem-noise",
             "1e-6,1e-2",
+            "--group-i2f",
+            "1e-2",
             "--out",
             str(tmp_path),
         ],
@@ -78,3 +80,6 @@ def test_stem_noise_table_quick(tmp_path):
     assert set(rows) == {1e-6, 1e-2}
     assert rows[1e-6][0] > rows[1e-2][0] + 10.0  # the attack degrades with the noise
     assert abs((rows[1e-6][1] - rows[1e-2][1]) - 80.0) < 0.05  # 4 decades of std
+    # the per-group table's stem row is the same I²F as the stem-noise table's at that std
+    (group,) = [line for line in result.stdout.splitlines() if line.startswith("# group stem:")]
+    assert abs(float(group.split("I2F ")[1].split(" ±")[0]) - rows[1e-2][1]) < 0.01
