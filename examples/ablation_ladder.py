@@ -27,20 +27,18 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
+from functools import partial
 
-import lightning as L
 import torch
 import torch.nn.functional as F
+from _common import accuracy, fit_classifier, mean_std, photo_split
 from rich.console import Console
 from rich.table import Table
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_privacy.attacks import InvertingGradients
-from lightning_privacy.data import load_photo_patches
 from lightning_privacy.functional.gradients import parameter_gradients
 from lightning_privacy.metrics import reconstruction_metrics
-from lightning_privacy.models import LitClassifier
 from lightning_privacy.sweep.trial import quiet_lightning
 
 #: variant -> (what changes, the paper's PSNR change for that step, dB)
@@ -92,29 +90,9 @@ def build(variant: str, classes: int, width: int = 32) -> nn.Module:
 
 
 def train(variant: str, data: dict, args: argparse.Namespace) -> tuple[nn.Module, float, float]:
-    L.seed_everything(args.seed, verbose=False)
-    module = LitClassifier(build(variant, data["classes"]), lr=args.lr, optimizer="adam")
-    loader = DataLoader(
-        TensorDataset(*data["train"]),
-        batch_size=32,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    trainer = L.Trainer(
-        max_epochs=args.epochs,
-        logger=False,
-        accelerator="cpu",
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, loader)
-    model = module.model.eval()
-    with torch.no_grad():
-        accs = [
-            float((model(x).argmax(1) == y).float().mean()) for x, y in (data["train"], data["val"])
-        ]
-    return model, accs[0], accs[1]
+    network = partial(build, variant, data["classes"])
+    model = fit_classifier(network, data, epochs=args.epochs, lr=args.lr, seed=args.seed).model
+    return model, accuracy(model, *data["train"]), accuracy(model, *data["val"])
 
 
 def attack(model: nn.Module, data: dict, args: argparse.Namespace) -> list[dict[str, float]]:
@@ -137,12 +115,6 @@ def attack(model: nn.Module, data: dict, args: argparse.Namespace) -> list[dict[
     return scores
 
 
-def mean_std(values: list[float], digits: int = 2) -> str:
-    t = torch.tensor(values, dtype=torch.float64)
-    spread = float(t.std()) if len(values) > 1 else 0.0
-    return f"{float(t.mean()):.{digits}f} ± {spread:.{digits}f}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run")
@@ -158,14 +130,7 @@ def main() -> None:
     torch.set_num_threads(1)
     quiet_lightning()
     warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
-    x, y = load_photo_patches(image_size=32, channels=3, patches_per_photo=120)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))
-    split = int(0.8 * len(x))
-    data = {
-        "train": (x[order[:split]], y[order[:split]]),
-        "val": (x[order[split:]], y[order[split:]]),
-        "classes": int(y.max()) + 1,
-    }
+    data = photo_split(32, args.seed)
     table = Table(
         title=f"Inverting Gradients (fast, {args.iterations} steps), {args.images} held-out "
         f"images, 32 px photos, trained {args.epochs} epochs, one change from the base each"

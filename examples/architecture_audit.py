@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import mean_std
 from rich.console import Console
 from rich.table import Table
 
@@ -98,12 +99,6 @@ def closed_form_stem(
         first = rec.inputs.detach()[0] if first is None else first
     assert first is not None
     return scores, seconds, first
-
-
-def mean_std(values: list[float]) -> str:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    spread = float(tensor.std()) if len(values) > 1 else 0.0
-    return f"{float(tensor.mean()):.2f} ± {spread:.2f}"
 
 
 def trace_inverse(

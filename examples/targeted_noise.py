@@ -24,17 +24,16 @@ import argparse
 import math
 import time
 import warnings
+from functools import partial
 
-import lightning as L
 import torch
 import torch.nn.functional as F
+from _common import accuracy, fit_classifier, mean_std, photo_split
 from rich.console import Console
 from rich.table import Table
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_privacy.attacks import AnalyticPatchEmbedding
 from lightning_privacy.callbacks import GradientDefense
-from lightning_privacy.data import load_photo_patches
 from lightning_privacy.defenses import GaussianNoise
 from lightning_privacy.functional.gradients import parameter_gradients
 from lightning_privacy.models import LitClassifier
@@ -48,35 +47,6 @@ def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> float:
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
     return float(peak_signal_noise_ratio(reconstruction.clamp(0, 1), target, data_range=1.0))
-
-
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
-
-
-def train(defense: GradientDefense | None, data: dict, args: argparse.Namespace) -> LitClassifier:
-    """One ViT-Tiny trained with ``defense`` (same seed, data order and settings for all)."""
-    L.seed_everything(args.seed, verbose=False)
-    vit = build_timm_model("vit_tiny", num_classes=data["classes"], image_size=args.image_size)
-    module = LitClassifier(vit, lr=args.lr, optimizer="adam")
-    loader = DataLoader(
-        TensorDataset(*data["train"]),
-        batch_size=32,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    trainer = L.Trainer(
-        max_epochs=args.epochs,
-        callbacks=[] if defense is None else [defense],
-        logger=False,
-        accelerator="cpu",
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, loader)
-    return module.eval()
 
 
 def attack_psnrs(
@@ -117,16 +87,7 @@ def main() -> None:
     torch.set_num_threads(1)
     quiet_lightning()
     warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
-    x, y = load_photo_patches(image_size=args.image_size, channels=3, patches_per_photo=120)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))
-    split = int(0.8 * len(x))
-    train_idx, val_idx = order[:split], order[split:]
-    data = {
-        "train": (x[train_idx], y[train_idx]),
-        "val": (x[val_idx], y[val_idx]),
-        "classes": int(y.max()) + 1,
-        "images": args.images,
-    }
+    data = {**photo_split(args.image_size, args.seed), "images": args.images}
     probe = build_timm_model("vit_tiny", num_classes=data["classes"], image_size=args.image_size)
     n_all = sum(p.numel() for p in probe.parameters())
     n_stem = sum(p.numel() for n, p in probe.named_parameters() if n in layer_groups(probe)["stem"])
@@ -145,14 +106,23 @@ def main() -> None:
     for label, noise, layers in runs:
         start = time.perf_counter()
         defense = None if noise is None else GradientDefense([noise], layers=layers, seed=args.seed)
-        module = train(defense, data, args)
+        vit = partial(
+            build_timm_model, "vit_tiny", num_classes=data["classes"], image_size=args.image_size
+        )
+        module = fit_classifier(
+            vit,
+            data,
+            epochs=args.epochs,
+            lr=args.lr,
+            seed=args.seed,
+            callbacks=[defense] if defense else [],
+        )
         scores = attack_psnrs(module, noise, layers, data, args.seed)
         mean = sum(scores) / len(scores)
-        std = torch.tensor(scores).std().item() if len(scores) > 1 else 0.0
         row = (
             f"{accuracy(module, *data['train']):.3f}",
             f"{accuracy(module, *data['val']):.3f}",
-            f"{mean:.2f} ± {std:.2f}",
+            mean_std(scores),
             f"{time.perf_counter() - start:.0f}",
         )
         table.add_row(label, *row)

@@ -16,7 +16,11 @@ and from the DDP scripts (``ddp_launch.run_ddp_script`` puts ``tests/`` on ``PYT
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -247,3 +251,24 @@ def all_ranks_equal(tensor: Tensor) -> bool:
     gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, tensor)
     return all(torch.equal(gathered[0], other) for other in gathered[1:])
+
+
+#: The repository root (examples are run from here, as the README says).
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_example(
+    *args: str, cwd: Path = REPO, columns: int = 120, timeout: int = 600
+) -> subprocess.CompletedProcess[str]:
+    """``python *args`` as a user runs an example: one thread, a fixed terminal width; it must
+    exit 0 (the assertion shows the end of its stderr)."""
+    result = subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": str(columns)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result

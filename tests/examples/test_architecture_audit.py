@@ -1,32 +1,18 @@
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
+from helpers import run_example
 
 
 def test_architecture_audit_quick(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "examples/architecture_audit.py",
-            "--quick",
-            "--architectures",
-            "vit_tiny",
-            "convnext_atto",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"},
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = run_example(
+        "examples/architecture_audit.py",
+        "--quick",
+        "--architectures",
+        "vit_tiny",
+        "convnext_atto",
+        "--out",
+        str(tmp_path),
     )
-    assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     for arch in ("vit_tiny", "convnext_atto"):
         rows = [line for line in lines if arch in line and "dB" not in line]
@@ -42,34 +28,25 @@ def test_architecture_audit_quick(tmp_path):
 def test_stem_noise_table_quick(tmp_path):
     """The stem-noise table: the closed-form attack and the I²F both fall with the noise; the
     I²F exactly by 20 dB per decade (``std · sqrt(tr)``)."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "examples/architecture_audit.py",
-            "--architectures",
-            "vit_tiny",
-            "--groups",
-            "stem",
-            "--images",
-            "2",
-            "--iterations",
-            "2",
-            "--image-size",
-            "8",
-            "--stem-noise",
-            "1e-6,1e-2",
-            "--group-i2f",
-            "1e-2",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"},
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = run_example(
+        "examples/architecture_audit.py",
+        "--architectures",
+        "vit_tiny",
+        "--groups",
+        "stem",
+        "--images",
+        "2",
+        "--iterations",
+        "2",
+        "--image-size",
+        "8",
+        "--stem-noise",
+        "1e-6,1e-2",
+        "--group-i2f",
+        "1e-2",
+        "--out",
+        str(tmp_path),
     )
-    assert result.returncode == 0, result.stderr[-2000:]
     rows = {}
     for line in result.stdout.splitlines():
         if line.startswith("# stem noise "):

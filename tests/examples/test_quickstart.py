@@ -1,25 +1,14 @@
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO, run_example
+
 EXAMPLE = REPO / "examples" / "quickstart.py"
 
 
 def test_quickstart_runs_quick(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--quick"],
-        cwd=tmp_path,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_example(str(EXAMPLE), "--quick", cwd=tmp_path)
     for key in ("val/acc", "attack/psnr", "leakage/predicted_psnr", "privacy/epsilon"):
         line = next(line for line in result.stdout.splitlines() if key in line)
         assert re.search(r"-?\d+\.\d{3}", line), line  # a measured number, not "—"

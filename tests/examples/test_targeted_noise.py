@@ -1,24 +1,11 @@
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
+from helpers import run_example
 
 
 def test_targeted_noise_quick():
     """Noise on the stem stops the closed-form stem attack; no defense leaves it exact."""
-    result = subprocess.run(
-        [sys.executable, "examples/targeted_noise.py", "--quick"],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_example("examples/targeted_noise.py", "--quick")
     psnr = {}
     for line in result.stdout.splitlines():
         if line.startswith("# "):

@@ -1,23 +1,10 @@
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
+from helpers import run_example
 
 
 def test_text_leakage_quick():
-    result = subprocess.run(
-        [sys.executable, "examples/text_leakage.py", "--quick", "--vocab", "300"],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_example("examples/text_leakage.py", "--quick", "--vocab", "300")
     rows = [line.split("│") for line in result.stdout.splitlines() if line.count("│") == 7]
     none = [r for r in rows if r[3].strip() == "none"]
     assert len(none) == 4  # tied/untied x init/trained
