@@ -328,6 +328,72 @@ def render_report(
     return "\n".join(part for part in parts if part)
 
 
+#: The membership report's table: audit key and heading (rates in per cent).
+_MEMBERSHIP_COLUMNS = (
+    ("auc", "AUC"),
+    ("auc_interval", "95 % CI"),
+    ("tpr_at_fpr_0.01", "TPR @ 1 % FPR (%)"),
+    ("tpr_at_fpr_0.001", "TPR @ 0.1 % FPR (%)"),
+    ("advantage", "advantage"),
+    ("epsilon_lower_bound", "ε lower bound"),
+)
+
+
+def _membership_cells(row: Mapping[str, Any]) -> list[str]:
+    def pct(value: Any) -> Any:
+        return None if value is None or value != value else 100 * float(value)
+
+    values = {
+        **row,
+        "auc_interval": f"[{_fmt(row.get('auc_low'))}, {_fmt(row.get('auc_high'))}]",
+        "tpr_at_fpr_0.01": pct(row.get("tpr_at_fpr_0.01")),
+        "tpr_at_fpr_0.001": pct(row.get("tpr_at_fpr_0.001")),
+    }
+    return [_fmt(values.get(key)) for key, _ in _MEMBERSHIP_COLUMNS]
+
+
+def render_membership_report(audit: Mapping[str, Any], roc_png: bytes) -> str:
+    """The HTML report of ``lightning-privacy audit membership``: target, table, ROC inline.
+
+    Example:
+        >>> audit = {"name": "a", "reference_models": 2, "members": 10, "nonmembers": 10,
+        ...          "delta": 1e-5, "target": {"train_acc": 1.0, "test_acc": 0.6},
+        ...          "attacks": {"loss": {"auc": 0.7, "auc_low": 0.6, "auc_high": 0.8,
+        ...                               "tpr_at_fpr_0.01": 0.1, "tpr_at_fpr_0.001": float("nan"),
+        ...                               "advantage": 0.3, "epsilon_lower_bound": 1.2}}}
+        >>> page = render_membership_report(audit, b"png")
+        >>> "<td>loss</td><td>0.7</td><td>[0.6, 0.8]</td><td>10</td><td>—</td>" in page
+        True
+    """
+    target = audit.get("target") or {}
+    head = "<th>attack</th>" + "".join(f"<th>{html.escape(t)}</th>" for _, t in _MEMBERSHIP_COLUMNS)
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td>"
+        + "".join(f"<td>{cell}</td>" for cell in _membership_cells(row))
+        + "</tr>"
+        for name, row in audit["attacks"].items()
+    )
+    title = f"Membership audit: {audit['name']}"
+    facts = (
+        f"target train acc {_fmt(target.get('train_acc'))}, test acc "
+        f"{_fmt(target.get('test_acc'))}, ε {_fmt(target.get('epsilon'))}; "
+        f"{audit['members']} members, {audit['nonmembers']} non-members, "
+        f"{audit['reference_models']} reference models, δ {_fmt(audit.get('delta'))}"
+    )
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1><p class='note'>{html.escape(facts)}</p>",
+        f"<table><tr>{head}</tr>{rows}</table>",
+        "<p class='note'>TPR at an FPR the non-members cannot resolve (fewer than 1/FPR) is "
+        "shown as —. The ε lower bound uses one-sided Clopper-Pearson bounds on both rates "
+        "at 95 %.</p>",
+        _figure_section("<h2>ROC (log-log)</h2>", [("ROC of every attack", data_uri(roc_png))]),
+        "</body></html>",
+    ]
+    return "\n".join(parts)
+
+
 def write_report(
     run_dir: str | Path,
     *,

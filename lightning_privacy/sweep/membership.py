@@ -864,11 +864,13 @@ MEMBERSHIP_COLUMNS = (
 
 
 def write_audit(audit: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
-    """``membership.json``, ``membership.csv`` and ``membership_roc.png`` of an audit."""
+    """``membership.json``, ``membership.csv``, ``membership_roc.png`` and ``report.html``."""
     import csv
     import io
 
     from lightning_privacy.membership.plots import roc_figure
+    from lightning_privacy.report import render_membership_report
+    from lightning_privacy.sweep.pareto import figure_png
 
     out = Path(out_dir)
     written = [write_json_atomic(out / "membership.json", audit)]
@@ -882,9 +884,10 @@ def write_audit(audit: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
     figure = roc_figure(
         curves, title=f"{audit['name']}: {audit['reference_models']} reference models"
     )
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    written.append(write_atomic(out / "membership_roc.png", buffer.getvalue()))
+    roc_png = figure_png(figure)  # closes the figure
+    written.append(write_atomic(out / "membership_roc.png", roc_png))
+    page = render_membership_report(audit, roc_png)
+    written.append(write_atomic(out / "report.html", page))
     return written
 
 

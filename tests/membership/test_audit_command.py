@@ -93,9 +93,13 @@ def test_an_audit_writes_outputs_never_examples_and_resumes_from_its_cache(tmp_p
     assert (
         names
         == ["logits.pt"] * 4
-        + ["membership.csv", "membership.json", "membership_roc.png"]
+        + ["membership.csv", "membership.json", "membership_roc.png", "report.html"]
         + ["result.json"] * 4
     )
+    report = (tmp_path / "report.html").read_text()  # the table and the ROC, self-contained
+    for name, row in audit["attacks"].items():
+        assert f"<td>{name}</td><td>{row['auc']:.3g}</td>" in report
+    assert report.count("data:image/png;base64,") == 1 and "http" not in report
     assert set(audit["attacks"]) == {"loss", "modified_entropy", "lira_offline", "rmia"}
     assert audit["members"] + audit["nonmembers"] == audit["audited"] <= 1700
     stored = json.loads((tmp_path / "membership.json").read_text())
