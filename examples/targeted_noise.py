@@ -14,7 +14,7 @@ Then the attacker sees the defended gradient of single held-out images (each tra
 mode, the run's own transform on the whole gradient) and runs the closed-form stem attack; PSNR
 mean ± std over ``--images``, beside each model's train and validation accuracy.
 
-    python examples/targeted_noise.py                 # ~5 min on one thread
+    python examples/targeted_noise.py                 # 1.5-3 min on one thread
     python examples/targeted_noise.py --quick         # smoke run
 """
 

@@ -243,7 +243,7 @@ def _results_section(run_dir: Path, results: Sequence[TrialResult]) -> list[str]
         "provides it, ∞ without a defense. MIA AUC and TPR: the membership audit's attack "
         "telling training examples from validation ones (AUC 0.5 = no better than chance); "
         "audited ε: the ε those scores prove at 95 % confidence, a lower bound that a correct "
-        "accountant's ε is never below.</p>",
+        "accountant's ε falls below at most 5 % of the time.</p>",
     ]
     notes = sorted({w for r in results for w in r.warnings})
     if notes:

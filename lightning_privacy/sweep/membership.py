@@ -174,8 +174,17 @@ class ModelTask:
 
     @property
     def fingerprint(self) -> str:
-        """Hash of everything that determines the model's outputs (its cache key)."""
-        blob = json.dumps(asdict(self), sort_keys=True, default=str)
+        """Hash of everything that determines the model's outputs (its cache key).
+
+        ``training.accelerator: cpu`` (the default) is left out, so models cached before the key
+        existed are reused.
+        """
+        content = asdict(self)
+        training = dict(content["settings"].get("training") or {})
+        if training.get("accelerator") == "cpu":
+            del training["accelerator"]
+            content["settings"] = {**content["settings"], "training": training}
+        blob = json.dumps(content, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
     @property
@@ -673,16 +682,23 @@ def _cached(out_dir: Path, task: ModelTask) -> dict[str, Any] | None:
 def _run_ray_tasks(
     pending: list[ModelTask], out_dir: Path, workers: int, on_done: Callable[..., None]
 ) -> None:
-    """The pending models as one Ray Tune grid, one CPU each (as the sweep's Ray backend)."""
+    """The pending models as one Ray Tune grid, one CPU each (as the sweep's Ray backend).
+
+    With ``training.accelerator: cuda`` each also asks for one GPU: Ray hides the GPUs from a
+    task that asks for none.
+    """
     import ray
     from ray import tune
+
+    cuda = any(t.settings["training"].get("accelerator") == "cuda" for t in pending)
+    resources: dict[str, float] = {"cpu": 1.0, "gpu": 1.0} if cuda else {"cpu": 1.0}
 
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     try:
         tuner = tune.Tuner(
-            tune.with_resources(_ray_trainable, {"cpu": 1}),
+            tune.with_resources(_ray_trainable, resources),
             param_space={
                 "task": tune.grid_search([t.to_dict() for t in pending]),
                 "out_dir": str(out_dir.resolve()),

@@ -102,3 +102,35 @@ def test_refusals_name_the_problem():
         attack.reconstruct(
             nn.Sequential(nn.Flatten(), nn.Linear(192, 3)), {}, input_shape=(3, 8, 8), num_samples=1
         )
+
+
+def test_a_non_square_image_and_a_defended_gradient():
+    torch.manual_seed(0)
+    vit = timm.models.VisionTransformer(
+        img_size=(8, 16), patch_size=4, num_classes=3, embed_dim=16, depth=1, num_heads=2
+    ).eval()
+    x, y = torch.rand(1, 3, 8, 16), torch.tensor([2])
+    stem = stem_gradient(vit, x, y)
+    rec = AnalyticPatchEmbedding().reconstruct(vit, stem, input_shape=(3, 8, 16), num_samples=1)
+    torch.testing.assert_close(rec.inputs, x, atol=1e-3, rtol=0)  # rows and columns in place
+    noisy = {
+        n: g + 1e-4 * torch.randn(g.shape, generator=torch.Generator().manual_seed(1))
+        for n, g in stem.items()
+    }
+    with pytest.raises(ValueError, match="pass `tol=None`"):
+        AnalyticPatchEmbedding().reconstruct(vit, noisy, input_shape=(3, 8, 16), num_samples=1)
+    defended = AnalyticPatchEmbedding(tol=None).reconstruct(
+        vit, noisy, input_shape=(3, 8, 16), num_samples=1
+    )
+    error = float((defended.inputs - x).abs().max())
+    assert 1e-4 < error < 1.0  # perturbed by the noise, still an image of the input's scale
+
+
+def test_an_input_shape_the_model_was_not_built_for_is_named():
+    torch.manual_seed(0)
+    vit = build_timm_model("vit_tiny", num_classes=6).eval()  # 32 px: 64 patches + class token
+    x, y = torch.rand(1, 3, 32, 32), torch.tensor([0])
+    with pytest.raises(ValueError, match=r"1 prefix token\(s\), but got \(3, 16, 16\)"):
+        AnalyticPatchEmbedding().reconstruct(
+            vit, stem_gradient(vit, x, y), input_shape=(3, 16, 16), num_samples=1
+        )

@@ -10,4 +10,11 @@ def test_ablation_ladder_quick():
     variants = [line[2:].split(":")[0] for line in lines]
     assert variants == ["base", "patchify", "gelu", "fewer_act", "no_norm", "layer_norm"]
     assert "+17.51" in result.stdout  # the paper's step for removing activations
-    assert all(float(line.split("PSNR ")[1].split(" dB")[0]) > 0 for line in lines)
+    psnr = {
+        v: float(line.split("PSNR ")[1].split(" dB")[0])
+        for v, line in zip(variants, lines, strict=True)
+    }
+    # the table's "Δ PSNR vs base" column is each variant's PSNR minus the base's
+    row = next(line for line in result.stdout.splitlines() if line.startswith("│ no_norm"))
+    delta = float(row.split("│")[7])
+    assert abs(delta - (psnr["no_norm"] - psnr["base"])) <= 0.011  # both printed to 0.01

@@ -1,5 +1,6 @@
 """The membership audit with reference models: its file, its cache, its view of the pool."""
 
+import dataclasses
 import json
 
 import pytest
@@ -65,6 +66,16 @@ def test_the_accelerator_is_checked_before_anything_trains():
     else:
         with pytest.raises(SweepConfigError, match=r"is_available\(\) is False"):
             parse_membership_config("training: {accelerator: cuda}")
+
+
+def test_models_cached_before_the_accelerator_key_keep_their_fingerprint():
+    task = parse_membership_config("reference_models: 2").tasks()[1]
+    assert task.settings["training"]["accelerator"] == "cpu"
+    training = {k: v for k, v in task.settings["training"].items() if k != "accelerator"}
+    older = dataclasses.replace(task, settings={**task.settings, "training": training})
+    assert older.fingerprint == task.fingerprint
+    on_gpu = {**task.settings, "training": {**training, "accelerator": "cuda"}}
+    assert dataclasses.replace(task, settings=on_gpu).fingerprint != task.fingerprint
 
 
 def test_without_reference_models_the_default_attacks_are_the_threshold_ones():

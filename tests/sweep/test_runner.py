@@ -16,7 +16,12 @@ from pathlib import Path
 import pytest
 
 from lightning_privacy.sweep import parse_sweep_config
-from lightning_privacy.sweep.pareto import PARETO_PLOTS, pareto_front, plot_pareto
+from lightning_privacy.sweep.pareto import (
+    PARETO_PLOTS,
+    epsilon_audit_figure,
+    pareto_front,
+    plot_pareto,
+)
 from lightning_privacy.sweep.runner import load_results, run_sweep
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -95,6 +100,21 @@ def test_six_trial_sweep_writes_csv_plots_and_report(tmp_path):
         assert base64.b64decode(src.split(",", 1)[1])[:8] == PNG
     assert not re.search(r"\b(?:src|href)=[\"'](?:https?:)?//", html)
     assert [r["trial_id"] for r in load_results(tmp_path)] == [r["trial_id"] for r in rows]
+
+
+def test_the_audit_panel_draws_y_equals_x_on_its_log_axis():
+    rows = [
+        {"label": "dp", "epsilon": 2.0, "audited_epsilon": 4.0},
+        {"label": "dp2", "epsilon": 16.0, "audited_epsilon": 0.5},
+    ]
+    fig = epsilon_audit_figure(rows)
+    ax = fig.axes[0]
+    x, y = (list(map(float, v)) for v in ax.lines[0].get_data())
+    assert ax.get_xscale() == "log" and x == y
+    assert len(x) >= 50  # a two-point segment on a log x axis would not be the line y = x
+    # the point that breaks the guarantee is above the line at its own x
+    (above,) = [p for p in ax.collections[0].get_offsets().tolist() if p[1] > p[0]]
+    assert above == [2.0, 4.0]
 
 
 def test_membership_columns_and_their_panels(tmp_path):

@@ -159,7 +159,13 @@ def _inputs_from_rows(
 def labels_or_none(
     model: nn.Module, target: dict[str, Tensor], num_samples: int, labels: Tensor | None
 ) -> Tensor | None:
-    """The given labels, else those read off the last linear layer, else ``None`` (not seen)."""
+    """The given labels, else those read off the last linear layer, else ``None`` (not seen).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 2))
+        >>> labels_or_none(net, {}, 1, None) is None, labels_or_none(net, {}, 1, torch.tensor([1]))
+        (True, tensor([1]))
+    """
     try:
         return given_or_restored_labels(model, target, num_samples, labels)
     except ValueError:

@@ -170,12 +170,20 @@ def analytic_patch_embedding(
     conv = dict(model.named_modules())[layer]
     assert isinstance(conv, nn.Conv2d)
     grid = _patch_grid(conv, input_shape)
-    deltas, prefix = _token_gradients(target, conv, layer, pos_embed, grid, tol)
+    deltas, prefix = _token_gradients(model, target, layer, pos_embed, input_shape, tol)
     weight = target.get(f"{layer}.weight")
     if weight is None:
-        raise ValueError(f"Expected the gradient of `{layer}.weight` among the observed ones.")
-    patches = torch.linalg.lstsq(deltas.T.double(), weight.reshape(len(weight), -1).double())
-    inputs = _image_from_patches(patches.solution, conv, input_shape, grid)
+        raise ValueError(
+            f"Expected the gradient of `{layer}.weight` among the observed ones, but got only "
+            f"{sorted(target)[:6]}."
+        )
+    # on the CPU in float64: its lstsq driver returns the least-norm solution when Δ is rank
+    # deficient (more patches than the embedding width), the CUDA one assumes full rank
+    rows = deltas.T.detach().cpu().double()
+    patches = torch.linalg.lstsq(
+        rows, weight.reshape(len(weight), -1).cpu().double(), driver="gelsd"
+    )
+    inputs = _image_from_patches(patches.solution, conv, input_shape, grid).to(weight.device)
     return build_reconstruction(
         model,
         inputs=inputs.to(weight.dtype)[None],
@@ -184,7 +192,7 @@ def analytic_patch_embedding(
         labels_known=labels is not None,
         attack="analytic_patch_embedding",
         layer=layer,
-        token_rank=int(torch.linalg.matrix_rank(deltas.double())),
+        token_rank=int(torch.linalg.matrix_rank(rows)),
         prefix_tokens=prefix,
         seconds=clock.seconds(),
     )
@@ -203,14 +211,17 @@ def _patch_grid(conv: nn.Conv2d, input_shape: Sequence[int]) -> tuple[int, int]:
 
 
 def _token_gradients(
+    model: nn.Module,
     target: dict[str, Tensor],
-    conv: nn.Conv2d,
     layer: str,
     pos_embed: str | None,
-    grid: tuple[int, int],
+    input_shape: Sequence[int],
     tol: float | None,
 ) -> tuple[Tensor, int]:
     """``Δ`` (patches x width) from the position embedding's gradient, and the prefix length."""
+    conv = dict(model.named_modules())[layer]
+    assert isinstance(conv, nn.Conv2d)
+    grid = _patch_grid(conv, input_shape)
     name = find_position_embedding(target, conv.out_channels, pos_embed)
     rows = target[name][0]
     patches = grid[0] * grid[1]
@@ -220,6 +231,7 @@ def _token_gradients(
             f"Expected the position embedding `{name}` to have at least one row per patch "
             f"({patches}), but it has {len(rows)}."
         )
+    _check_prefix(model, prefix, input_shape)
     deltas = rows[prefix:]
     bias = target.get(f"{layer}.bias")
     if bias is not None and tol is not None:
@@ -227,10 +239,27 @@ def _token_gradients(
         if mismatch > tol:
             raise ValueError(
                 f"Expected the position embedding to be added right after the patch embedding "
-                f"(its token gradients summing to the bias gradient), but they differ by "
-                f"{mismatch:.2g} (relative): the tokens are transformed in between."
+                f"(its token gradients summing to the bias gradient within `tol` = {tol:g}), but "
+                f"they differ by {mismatch:.2g} (relative): the tokens are transformed in "
+                "between, or the gradient is defended (noise breaks the identity: pass "
+                "`tol=None`)."
             )
     return deltas, prefix
+
+
+def _check_prefix(model: nn.Module, prefix: int, input_shape: Sequence[int]) -> None:
+    """Refuse an ``input_shape`` that leaves other rows than the model's prefix tokens.
+
+    The rows before the patches are the class/register tokens (timm's ``num_prefix_tokens``);
+    any other count means the input is not the size the model was built for.
+    """
+    expected = getattr(model, "num_prefix_tokens", None)
+    if isinstance(expected, int) and prefix != expected:
+        raise ValueError(
+            f"Expected `input_shape` to give as many patches as the position embedding has rows "
+            f"after the model's {expected} prefix token(s), but got {tuple(input_shape)}, which "
+            f"leaves {prefix}: pass the input size the model was built for."
+        )
 
 
 def _image_from_patches(
