@@ -170,7 +170,9 @@ def analytic_patch_embedding(
     conv = dict(model.named_modules())[layer]
     assert isinstance(conv, nn.Conv2d)
     grid = _patch_grid(conv, input_shape)
-    deltas, prefix = _token_gradients(model, target, layer, pos_embed, input_shape, tol)
+    deltas, prefix = _token_gradients(target, conv, pos_embed, grid)
+    _check_prefix(model, prefix, input_shape)
+    _check_bias(deltas, target.get(f"{layer}.bias"), tol)
     weight = target.get(f"{layer}.weight")
     if weight is None:
         raise ValueError(
@@ -211,17 +213,9 @@ def _patch_grid(conv: nn.Conv2d, input_shape: Sequence[int]) -> tuple[int, int]:
 
 
 def _token_gradients(
-    model: nn.Module,
-    target: dict[str, Tensor],
-    layer: str,
-    pos_embed: str | None,
-    input_shape: Sequence[int],
-    tol: float | None,
+    target: dict[str, Tensor], conv: nn.Conv2d, pos_embed: str | None, grid: tuple[int, int]
 ) -> tuple[Tensor, int]:
     """``Δ`` (patches x width) from the position embedding's gradient, and the prefix length."""
-    conv = dict(model.named_modules())[layer]
-    assert isinstance(conv, nn.Conv2d)
-    grid = _patch_grid(conv, input_shape)
     name = find_position_embedding(target, conv.out_channels, pos_embed)
     rows = target[name][0]
     patches = grid[0] * grid[1]
@@ -231,20 +225,22 @@ def _token_gradients(
             f"Expected the position embedding `{name}` to have at least one row per patch "
             f"({patches}), but it has {len(rows)}."
         )
-    _check_prefix(model, prefix, input_shape)
-    deltas = rows[prefix:]
-    bias = target.get(f"{layer}.bias")
-    if bias is not None and tol is not None:
-        mismatch = float((deltas.sum(0) - bias).norm() / bias.norm().clamp_min(1e-30))
-        if mismatch > tol:
-            raise ValueError(
-                f"Expected the position embedding to be added right after the patch embedding "
-                f"(its token gradients summing to the bias gradient within `tol` = {tol:g}), but "
-                f"they differ by {mismatch:.2g} (relative): the tokens are transformed in "
-                "between, or the gradient is defended (noise breaks the identity: pass "
-                "`tol=None`)."
-            )
-    return deltas, prefix
+    return rows[prefix:], prefix
+
+
+def _check_bias(deltas: Tensor, bias: Tensor | None, tol: float | None) -> None:
+    """Refuse token gradients that do not sum to the patch embedding's bias gradient."""
+    if bias is None or tol is None:
+        return
+    mismatch = float((deltas.sum(0) - bias).norm() / bias.norm().clamp_min(1e-30))
+    if mismatch > tol:
+        raise ValueError(
+            f"Expected the position embedding to be added right after the patch embedding "
+            f"(its token gradients summing to the bias gradient within `tol` = {tol:g}), but "
+            f"they differ by {mismatch:.2g} (relative): the tokens are transformed in "
+            "between, or the gradient is defended (noise breaks the identity: pass "
+            "`tol=None`)."
+        )
 
 
 def _check_prefix(model: nn.Module, prefix: int, input_shape: Sequence[int]) -> None:
