@@ -6,10 +6,12 @@ The scripts import it as ``_common`` (their own folder is on ``sys.path`` when r
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -74,3 +76,120 @@ def mean_std(values: Sequence[float], digits: int = 2) -> str:
     t = torch.tensor(list(values), dtype=torch.float64)
     spread = float(t.std()) if len(t) > 1 else 0.0
     return f"{float(t.mean()):.{digits}f} ± {spread:.{digits}f}"
+
+
+class StopAtAccuracy(L.Callback):
+    """Stop training once the training-set accuracy reaches ``target`` (checked each epoch end),
+    so that victims of different architectures are attacked at a matched task accuracy."""
+
+    def __init__(self, target: float, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.target, self.x, self.y = target, x, y
+        self.epochs = 0
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epochs = trainer.current_epoch + 1
+        was_training = pl_module.training
+        pl_module.eval()
+        reached = accuracy(pl_module, self.x, self.y) >= self.target
+        pl_module.train(was_training)
+        trainer.should_stop = trainer.should_stop or reached
+
+
+def attack_images(
+    model: nn.Module,
+    attack: Any,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    seed: int,
+    names: Sequence[str] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    scale: float | None = 1.0,
+) -> tuple[list[dict[str, float]], torch.Tensor]:
+    """``attack`` on each image's own gradient (label known), seeded per image.
+
+    ``names`` keeps only those parameters' gradients (a partial gradient); ``scale`` multiplies
+    the observed gradient and the loss alike (the same matching problem, its objective scaled by
+    ``scale²`` for L2 matching; ``None``: the observed gradient scaled to unit norm, per image).
+    Returns the scores (PSNR, SSIM, LPIPS when cached, steps run) and
+    the reconstructions.
+    """
+    from lightning_privacy.functional.gradients import parameter_gradients
+    from lightning_privacy.metrics import reconstruction_metrics
+
+    scores, reconstructions = [], []
+    for index in range(len(images)):
+        x, y = images[index : index + 1], labels[index : index + 1]
+        grads = parameter_gradients(model, x, y, loss_fn=F.cross_entropy)
+        kept = {n: g for n, g in grads.items() if names is None or n in set(names)}
+        factor = (
+            float(1 / torch.sqrt(sum((g * g).sum() for g in kept.values())))
+            if scale is None
+            else scale
+        )
+        kept = {n: factor * g for n, g in kept.items()}
+        rec = attack.reconstruct(
+            model,
+            kept,
+            input_shape=tuple(x.shape[1:]),
+            num_samples=1,
+            labels=y,
+            loss_fn=partial(scaled_loss, loss_fn, factor),
+            generator=torch.Generator().manual_seed(seed + index),
+        )
+        inputs = rec.inputs.detach().clamp(0, 1)
+        metrics = reconstruction_metrics(inputs, x, data_range=1.0)
+        scores.append({k: float(v) for k, v in metrics.items() if k in ("psnr", "ssim", "lpips")})
+        scores[-1]["steps"] = float(len(rec.history))
+        reconstructions.append(inputs[0])
+    return scores, torch.stack(reconstructions)
+
+
+def unit_scale(gradients: dict[str, torch.Tensor]) -> float:
+    """The factor that gives ``gradients`` unit (global L2) norm."""
+    return float(torch.stack([g.pow(2).sum() for g in gradients.values()]).sum().rsqrt())
+
+
+def scaled_loss(
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    factor: float,
+    outputs: torch.Tensor,
+    targets: torch.Tensor,
+) -> torch.Tensor:
+    """``factor * loss_fn(outputs, targets)``: its gradient is ``factor`` times the loss's."""
+    return factor * loss_fn(outputs, targets)
+
+
+def save_image_grid(rows: Sequence[tuple[str, torch.Tensor]], path: str) -> None:
+    """One row per ``(label, images)``, truth first by convention, written as a PNG that only
+    the owner can read (reconstructions are the data owner's)."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = max(len(images) for _, images in rows)
+    fig, axes = plt.subplots(
+        len(rows), columns, figsize=(1.0 * columns + 1.6, 1.05 * len(rows)), dpi=100, squeeze=False
+    )
+    for (label, images), line in zip(rows, axes, strict=True):
+        for ax, image in zip(line, [*images, *[None] * columns], strict=False):
+            ax.axis("off")
+            if image is not None:
+                ax.imshow(image.clamp(0, 1).permute(1, 2, 0).numpy())
+        line[0].text(
+            -0.1, 0.5, label, transform=line[0].transAxes, ha="right", va="center", fontsize=7
+        )
+    fig.subplots_adjust(left=1.5 / (1.0 * columns + 1.6), wspace=0.05, hspace=0.05)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    os.chmod(path, 0o600)
+
+
+def mean_of(scores: Sequence[dict[str, float]], key: str, digits: int = 2) -> str:
+    """``mean ± std`` of one score over images, ``—`` when no image has it."""
+    values = [s[key] for s in scores if key in s]
+    return mean_std(values, digits) if values else "—"

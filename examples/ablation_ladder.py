@@ -11,15 +11,23 @@ changed in *one* of those ways at a time from a ResNet-like base:
 * ``gelu``: GELU instead of ReLU;
 * ``fewer_act``: one activation per block instead of two (ConvNeXt);
 * ``no_norm``: no normalisation layers;
-* ``layer_norm``: GroupNorm(1, C) -- LayerNorm over (C, H, W) -- instead of BatchNorm.
+* ``layer_norm``: GroupNorm(1, C) -- LayerNorm over (C, H, W) -- instead of BatchNorm;
+* ``fewer_norm``: one normalisation per block instead of two (ConvNeXt; cumulative ladder only).
 
-Each variant is trained on the embedded photo patches (same seed, data and settings; task
-accuracy reported) and then attacked in eval mode on ``--images`` held-out images, one image per
-gradient, label known, by ``InvertingGradients.fast()`` (cosine + TV, signed Adam, 1,000 steps
-whose stages end early on a plateau). PSNR / SSIM mean ± std.
+With ``--cumulative`` the changes are stacked in the paper's order instead (base, + patchify,
++ GELU, + fewer activations, + fewer norms, + LayerNorm), and each step is compared with the one
+before, as the paper's steps are.
 
-    python examples/ablation_ladder.py            # ~10 min on one thread
-    python examples/ablation_ladder.py --quick    # smoke run
+Each variant is trained on the embedded photo patches (same seed, data and settings) until its
+training accuracy reaches ``--target-accuracy`` (at most ``--max-epochs``; epochs and accuracies
+reported), then attacked in eval mode on ``--images`` held-out images, one image per gradient,
+label known, by Inverting Gradients (cosine + TV, signed Adam) with the paper's 3,000 steps,
+each learning-rate stage cut short on a plateau of ``--patience`` steps (steps run reported).
+PSNR / SSIM mean ± std.
+
+    python examples/ablation_ladder.py                 # one change at a time, ~25 min, 1 thread
+    python examples/ablation_ladder.py --cumulative    # the ladder, step on step
+    python examples/ablation_ladder.py --quick         # smoke run
 """
 
 from __future__ import annotations
@@ -30,26 +38,35 @@ import warnings
 from functools import partial
 
 import torch
-import torch.nn.functional as F
-from _common import accuracy, fit_classifier, mean_std, photo_split
+from _common import (
+    StopAtAccuracy,
+    accuracy,
+    attack_images,
+    fit_classifier,
+    mean_of,
+    photo_split,
+    save_image_grid,
+)
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
 from lightning_privacy.attacks import InvertingGradients
-from lightning_privacy.functional.gradients import parameter_gradients
-from lightning_privacy.metrics import reconstruction_metrics
 from lightning_privacy.sweep.trial import quiet_lightning
 
-#: variant -> (what changes, the paper's PSNR change for that step, dB)
+#: change -> (what it does, the paper's PSNR change for that step, dB)
 VARIANTS = {
     "base": ("ResNet-like: conv stem, BatchNorm, ReLU everywhere", None),
     "patchify": ("4x4 stride-4 patchify stem", 12.97 - 10.56),
     "gelu": ("ReLU -> GELU", 12.42 - 15.43),
     "fewer_act": ("one activation per block", 29.93 - 12.42),
     "no_norm": ("no normalisation", 30.57 - 29.93),
+    "fewer_norm": ("one normalisation per block", 30.57 - 29.93),
     "layer_norm": ("BatchNorm -> LayerNorm", 36.86 - 30.57),
 }
+#: The cumulative ladder, in the paper's order (ConvNeXt keeps one norm per block, hence
+#: ``fewer_norm`` rather than ``no_norm`` before the switch to LayerNorm).
+LADDER = ("base", "patchify", "gelu", "fewer_act", "fewer_norm", "layer_norm")
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:
@@ -61,12 +78,13 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
 
 
 class Block(nn.Module):
-    """Pre-activation residual block: (norm, act, conv) x 2, or one activation only."""
+    """Pre-activation residual block: (norm, act, conv) x 2, or one activation / norm only."""
 
-    def __init__(self, width: int, norm: str, act: type[nn.Module], fewer: bool) -> None:
+    def __init__(self, width: int, norm: str, act: type[nn.Module], changes: frozenset) -> None:
         super().__init__()
-        self.norm1, self.norm2 = norm_layer(norm, width), norm_layer(norm, width)
-        self.act1 = nn.Identity() if fewer else act()
+        self.norm1 = norm_layer(norm, width)
+        self.norm2 = norm_layer("none" if "fewer_norm" in changes else norm, width)
+        self.act1 = nn.Identity() if "fewer_act" in changes else act()
         self.act2 = act()
         self.conv1 = nn.Conv2d(width, width, 3, padding=1)
         self.conv2 = nn.Conv2d(width, width, 3, padding=1)
@@ -76,100 +94,113 @@ class Block(nn.Module):
         return x + self.conv2(self.act2(self.norm2(h)))
 
 
-def build(variant: str, classes: int, width: int = 32) -> nn.Module:
-    """The network of one variant (seeded by the caller)."""
-    norm = {"no_norm": "none", "layer_norm": "ln"}.get(variant, "bn")
-    act = nn.GELU if variant == "gelu" else nn.ReLU
-    if variant == "patchify":
+def build(changes: frozenset, classes: int, width: int = 32) -> nn.Module:
+    """The network with a set of changes from the base (seeded by the caller)."""
+    norm = "none" if "no_norm" in changes else "ln" if "layer_norm" in changes else "bn"
+    act = nn.GELU if "gelu" in changes else nn.ReLU
+    if "patchify" in changes:
         stem = nn.Sequential(nn.Conv2d(3, width, 4, stride=4))
     else:
         stem = nn.Sequential(nn.Conv2d(3, width, 7, stride=2, padding=3), nn.MaxPool2d(3, 2, 1))
-    blocks = [Block(width, norm, act, variant == "fewer_act") for _ in range(2)]
+    blocks = [Block(width, norm, act, changes) for _ in range(2)]
     head = [norm_layer(norm, width), act(), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     return nn.Sequential(*stem, *blocks, *head, nn.Linear(width, classes))
 
 
-def train(variant: str, data: dict, args: argparse.Namespace) -> tuple[nn.Module, float, float]:
-    network = partial(build, variant, data["classes"])
-    model = fit_classifier(network, data, epochs=args.epochs, lr=args.lr, seed=args.seed).model
-    return model, accuracy(model, *data["train"]), accuracy(model, *data["val"])
+def changes_of(variant: str, cumulative: bool) -> frozenset:
+    """One change from the base, or every ladder step up to ``variant``."""
+    if not cumulative:
+        return frozenset() if variant == "base" else frozenset({variant})
+    return frozenset(LADDER[1 : LADDER.index(variant) + 1])
 
 
-def attack(model: nn.Module, data: dict, args: argparse.Namespace) -> list[dict[str, float]]:
-    x_val, y_val = data["val"]
-    inversion = InvertingGradients.fast(max_iterations=args.iterations)
-    scores = []
-    for index in range(args.images):
-        x, y = x_val[index : index + 1], y_val[index : index + 1]
-        grads = parameter_gradients(model, x, y, loss_fn=F.cross_entropy)
-        rec = inversion.reconstruct(
-            model,
-            grads,
-            input_shape=tuple(x.shape[1:]),
-            num_samples=1,
-            labels=y,
-            generator=torch.Generator().manual_seed(args.seed + index),
-        )
-        metrics = reconstruction_metrics(rec.inputs.detach().clamp(0, 1), x, data_range=1.0)
-        scores.append({"psnr": float(metrics["psnr"]), "ssim": float(metrics["ssim"])})
-    return scores
+def train(changes: frozenset, data: dict, args: argparse.Namespace) -> tuple[nn.Module, int]:
+    stop = StopAtAccuracy(args.target_accuracy, *data["train"])
+    network = partial(build, changes, data["classes"])
+    module = fit_classifier(
+        network, data, epochs=args.max_epochs, lr=args.lr, seed=args.seed, callbacks=[stop]
+    )
+    return module.model.eval(), stop.epochs
+
+
+def make_table(args: argparse.Namespace) -> Table:
+    mode = "cumulative, the paper's order" if args.cumulative else "one change from the base"
+    table = Table(
+        title=f"Inverting Gradients, <= {args.iterations} steps (patience {args.patience}), "
+        f"{args.images} held-out 32 px photo patches; trained to train acc >= "
+        f"{args.target_accuracy} (<= {args.max_epochs} epochs); {mode}"
+    )
+    reference = "previous step" if args.cumulative else "base"
+    columns = ["variant", "change", "epochs", "train acc", "val acc", "PSNR (dB)", "SSIM"]
+    columns += [f"Δ PSNR vs {reference}", "paper's Δ for the step", "steps", "s"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("variant", "change") else "right")
+    return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run")
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--cumulative", action="store_true", help="the ladder, step on step")
+    parser.add_argument("--target-accuracy", type=float, default=0.85)
+    parser.add_argument("--max-epochs", type=int, default=30)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--images", type=int, default=8)
-    parser.add_argument("--iterations", type=int, default=1000)
+    parser.add_argument("--iterations", type=int, default=3000)
+    parser.add_argument("--patience", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS))
+    parser.add_argument("--grid", default=None, help="PNG path for the reconstructions")
     args = parser.parse_args()
+    if args.cumulative and any(v not in LADDER for v in args.variants or ()):
+        parser.error(f"--variants: with --cumulative expected some of {list(LADDER)}")
     if args.quick:
-        args.epochs, args.images, args.iterations = 1, 2, 5
+        args.max_epochs, args.images, args.iterations = 1, 2, 5
     torch.set_num_threads(1)
     quiet_lightning()
     warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
     data = photo_split(32, args.seed)
-    table = Table(
-        title=f"Inverting Gradients (fast, {args.iterations} steps), {args.images} held-out "
-        f"images, 32 px photos, trained {args.epochs} epochs, one change from the base each"
+    x_val, y_val = (t[: args.images] for t in data["val"])
+    attack = InvertingGradients(
+        max_iterations=args.iterations, patience=args.patience, method="double_backward"
     )
-    columns = (
-        "variant",
-        "change",
-        "train acc",
-        "val acc",
-        "PSNR (dB)",
-        "SSIM",
-        "Δ PSNR vs base",
-        "paper's Δ for the step",
-        "s",
+    table = make_table(args)
+    grid = [("truth", x_val)]
+    variants = args.variants or (
+        list(LADDER) if args.cumulative else [v for v in VARIANTS if v != "fewer_norm"]
     )
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("variant", "change") else "right")
-    base = None
-    for variant in args.variants:
+    base = previous = None
+    for variant in variants:
         start = time.perf_counter()
-        model, train_acc, val_acc = train(variant, data, args)
-        scores = attack(model, data, args)
+        model, epochs = train(changes_of(variant, args.cumulative), data, args)
+        scores, reconstructions = attack_images(model, attack, x_val, y_val, seed=args.seed)
         psnr = sum(s["psnr"] for s in scores) / len(scores)
         base = psnr if variant == "base" else base
+        reference = previous if args.cumulative else base
         change, paper = VARIANTS[variant]
-        delta = "—" if base is None or variant == "base" else f"{psnr - base:+.2f}"
+        if args.cumulative and variant != "base":
+            change = f"+ {change}"
+        delta = "—" if reference is None or variant == "base" else f"{psnr - reference:+.2f}"
         table.add_row(
             variant,
             change,
-            f"{train_acc:.3f}",
-            f"{val_acc:.3f}",
-            mean_std([s["psnr"] for s in scores]),
-            mean_std([s["ssim"] for s in scores], 3),
+            str(epochs),
+            f"{accuracy(model, *data['train']):.3f}",
+            f"{accuracy(model, *data['val']):.3f}",
+            mean_of(scores, "psnr"),
+            mean_of(scores, "ssim", 3),
             delta,
             "—" if paper is None else f"{paper:+.2f}",
+            f"{sum(s['steps'] for s in scores) / len(scores):.0f}",
             f"{time.perf_counter() - start:.0f}",
         )
-        print(f"# {variant}: acc {train_acc:.3f}/{val_acc:.3f}, PSNR {psnr:.2f} dB", flush=True)
-    Console(width=160).print(table)
+        previous = psnr
+        grid.append((variant, reconstructions))
+        print(f"# {variant}: PSNR {psnr:.2f} dB after {epochs} epochs", flush=True)
+    Console(width=200).print(table)
+    if args.grid:
+        save_image_grid(grid, args.grid)
+        print(f"grid: {args.grid}")
 
 
 if __name__ == "__main__":

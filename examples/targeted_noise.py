@@ -15,6 +15,7 @@ mode, the run's own transform on the whole gradient) and runs the closed-form st
 mean ± std over ``--images``, beside each model's train and validation accuracy.
 
     python examples/targeted_noise.py                 # 1.5-3 min on one thread
+    python examples/targeted_noise.py --grid docs/targeted_noise.png   # and the reconstructions
     python examples/targeted_noise.py --quick         # smoke run
 """
 
@@ -28,7 +29,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from _common import accuracy, fit_classifier, mean_std, photo_split
+from _common import accuracy, fit_classifier, mean_std, photo_split, save_image_grid
 from rich.console import Console
 from rich.table import Table
 
@@ -51,13 +52,14 @@ def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> float:
 
 def attack_psnrs(
     module: LitClassifier, noise: GaussianNoise | None, layers: str | None, data: dict, seed: int
-) -> list[float]:
-    """The closed-form stem attack on the defended gradient of each held-out image."""
+) -> tuple[list[float], torch.Tensor]:
+    """The closed-form stem attack on the defended gradient of each held-out image: PSNRs and
+    the reconstructions."""
     vit = module.model
     stem = layer_groups(vit)["stem"]
     generator = torch.Generator().manual_seed(seed)
     x_val, y_val = data["val"]
-    scores = []
+    scores, reconstructions = [], []
     for index in range(data["images"]):
         x, y = x_val[index : index + 1], y_val[index : index + 1]
         grads = parameter_gradients(vit, x, y, loss_fn=F.cross_entropy)
@@ -69,7 +71,8 @@ def attack_psnrs(
             vit, {n: grads[n] for n in stem}, input_shape=tuple(x.shape[1:]), num_samples=1
         )
         scores.append(psnr(rec.inputs.detach(), x))
-    return scores
+        reconstructions.append(rec.inputs.detach()[0].clamp(0, 1))
+    return scores, torch.stack(reconstructions)
 
 
 def main() -> None:
@@ -81,6 +84,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid", default=None, help="PNG path for the reconstructions")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.images, args.image_size = 1, 2, 8
@@ -103,6 +107,7 @@ def main() -> None:
     )
     for column in ("defense", "train acc", "val acc", "stem attack PSNR (dB)", "s"):
         table.add_column(column, justify="left" if column == "defense" else "right")
+    grid = [("truth", data["val"][0][: args.images])]
     for label, noise, layers in runs:
         start = time.perf_counter()
         defense = None if noise is None else GradientDefense([noise], layers=layers, seed=args.seed)
@@ -117,7 +122,8 @@ def main() -> None:
             seed=args.seed,
             callbacks=[defense] if defense else [],
         )
-        scores = attack_psnrs(module, noise, layers, data, args.seed)
+        scores, reconstructions = attack_psnrs(module, noise, layers, data, args.seed)
+        grid.append((label.split(",")[0], reconstructions))
         mean = sum(scores) / len(scores)
         row = (
             f"{accuracy(module, *data['train']):.3f}",
@@ -128,6 +134,9 @@ def main() -> None:
         table.add_row(label, *row)
         print(f"# {label}: train {row[0]}, val {row[1]}, attack {mean:.2f} dB", flush=True)
     Console(width=120).print(table)
+    if args.grid:
+        save_image_grid(grid, args.grid)
+        print(f"grid: {args.grid}")
 
 
 if __name__ == "__main__":
