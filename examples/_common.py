@@ -193,3 +193,33 @@ def mean_of(scores: Sequence[dict[str, float]], key: str, digits: int = 2) -> st
     """``mean ± std`` of one score over images, ``—`` when no image has it."""
     values = [s[key] for s in scores if key in s]
     return mean_std(values, digits) if values else "—"
+
+
+def add_victim_arguments(parser: Any, *, max_epochs: int) -> None:
+    """The options every trained-victim script shares: training target, optimiser, seed, grid."""
+    parser.add_argument("--target-accuracy", type=float, default=0.85)
+    parser.add_argument("--max-epochs", type=int, default=max_epochs)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid", default=None, help="PNG path for the reconstructions")
+
+
+def single_quiet_thread() -> None:
+    """One thread, as the README's measurements ran, and Lightning's notices off."""
+    import warnings
+
+    from lightning_privacy.sweep.trial import quiet_lightning
+
+    torch.set_num_threads(1)
+    quiet_lightning()
+    warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
+
+
+def fit_to_accuracy(build: Callable[[], nn.Module], data: dict[str, Any], args: Any) -> tuple:
+    """The network ``build()`` makes, trained until its training accuracy reaches
+    ``args.target_accuracy`` (at most ``args.max_epochs``); it and the epochs it took."""
+    stop = StopAtAccuracy(args.target_accuracy, *data["train"])
+    module = fit_classifier(
+        build, data, epochs=args.max_epochs, lr=args.lr, seed=args.seed, callbacks=[stop]
+    )
+    return module.model.eval(), stop.epochs

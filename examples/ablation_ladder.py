@@ -34,25 +34,24 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 from functools import partial
 
 import torch
 from _common import (
-    StopAtAccuracy,
     accuracy,
+    add_victim_arguments,
     attack_images,
-    fit_classifier,
+    fit_to_accuracy,
     mean_of,
     photo_split,
     save_image_grid,
+    single_quiet_thread,
 )
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
 from lightning_privacy.attacks import InvertingGradients
-from lightning_privacy.sweep.trial import quiet_lightning
 
 #: change -> (what it does, the paper's PSNR change for that step, dB)
 VARIANTS = {
@@ -115,12 +114,7 @@ def changes_of(variant: str, cumulative: bool) -> frozenset:
 
 
 def train(changes: frozenset, data: dict, args: argparse.Namespace) -> tuple[nn.Module, int]:
-    stop = StopAtAccuracy(args.target_accuracy, *data["train"])
-    network = partial(build, changes, data["classes"])
-    module = fit_classifier(
-        network, data, epochs=args.max_epochs, lr=args.lr, seed=args.seed, callbacks=[stop]
-    )
-    return module.model.eval(), stop.epochs
+    return fit_to_accuracy(partial(build, changes, data["classes"]), data, args)
 
 
 def make_table(args: argparse.Namespace) -> Table:
@@ -142,23 +136,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run")
     parser.add_argument("--cumulative", action="store_true", help="the ladder, step on step")
-    parser.add_argument("--target-accuracy", type=float, default=0.85)
-    parser.add_argument("--max-epochs", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    add_victim_arguments(parser, max_epochs=30)
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=3000)
     parser.add_argument("--patience", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS))
-    parser.add_argument("--grid", default=None, help="PNG path for the reconstructions")
     args = parser.parse_args()
     if args.cumulative and any(v not in LADDER for v in args.variants or ()):
         parser.error(f"--variants: with --cumulative expected some of {list(LADDER)}")
     if args.quick:
         args.max_epochs, args.images, args.iterations = 1, 2, 5
-    torch.set_num_threads(1)
-    quiet_lightning()
-    warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
+    single_quiet_thread()
     data = photo_split(32, args.seed)
     x_val, y_val = (t[: args.images] for t in data["val"])
     attack = InvertingGradients(

@@ -24,19 +24,19 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 from functools import partial
 
 import torch
 from _common import (
-    StopAtAccuracy,
     accuracy,
+    add_victim_arguments,
     attack_images,
-    fit_classifier,
+    fit_to_accuracy,
     mean_of,
     mean_std,
     photo_split,
     save_image_grid,
+    single_quiet_thread,
 )
 from architecture_audit import closed_form_stem, trace_inverse
 from rich.console import Console
@@ -47,18 +47,12 @@ from trained_victims import small_resnet, small_vit
 from lightning_privacy.attacks import DeepLeakage, InvertingGradients
 from lightning_privacy.functional.leakage import predicted_psnr
 from lightning_privacy.models.timm_models import layer_groups
-from lightning_privacy.sweep.trial import quiet_lightning
 
 MODELS = {"vit": small_vit, "resnet": lambda classes, image_size: small_resnet(classes)}
 
 
 def trained(name: str, data: dict, args: argparse.Namespace) -> tuple[nn.Module, int]:
-    stop = StopAtAccuracy(args.target_accuracy, *data["train"])
-    build = partial(MODELS[name], data["classes"], args.image_size)
-    module = fit_classifier(
-        build, data, epochs=args.max_epochs, lr=args.lr, seed=args.seed, callbacks=[stop]
-    )
-    return module.model.eval(), stop.epochs
+    return fit_to_accuracy(partial(MODELS[name], data["classes"], args.image_size), data, args)
 
 
 def group_i2f(model: nn.Module, names: list[str], images, labels, std: float) -> str:
@@ -92,18 +86,12 @@ def main() -> None:
     parser.add_argument("--dlg-iterations", type=int, default=50)
     parser.add_argument("--patience", type=int, default=50)
     parser.add_argument("--i2f-std", type=float, default=1e-3)
-    parser.add_argument("--target-accuracy", type=float, default=0.85)
-    parser.add_argument("--max-epochs", type=int, default=40)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--grid", default=None, help="PNG path for the reconstructions")
+    add_victim_arguments(parser, max_epochs=40)
     args = parser.parse_args()
     if args.quick:
         args.images, args.iterations, args.dlg_iterations, args.max_epochs = 2, 3, 1, 1
         args.image_size = 8
-    torch.set_num_threads(1)
-    quiet_lightning()
-    warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
+    single_quiet_thread()
     data = photo_split(args.image_size, args.seed)
     x_val, y_val = (t[: args.images] for t in data["val"])
     cosine = InvertingGradients(

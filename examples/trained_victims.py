@@ -19,18 +19,18 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 from collections.abc import Callable
 
 import torch
 from _common import (
-    StopAtAccuracy,
     accuracy,
+    add_victim_arguments,
     attack_images,
-    fit_classifier,
+    fit_to_accuracy,
     mean_of,
     photo_split,
     save_image_grid,
+    single_quiet_thread,
 )
 from rich.console import Console
 from rich.table import Table
@@ -41,7 +41,6 @@ from torch import nn
 
 from lightning_privacy.attacks import InvertingGradients
 from lightning_privacy.metrics import reconstruction_metrics
-from lightning_privacy.sweep.trial import quiet_lightning
 
 
 def small_resnet(classes: int) -> nn.Module:
@@ -77,16 +76,8 @@ def victims(name: str, data: dict, args: argparse.Namespace) -> list[tuple[str, 
     build = ARCHITECTURES[name][1]
     torch.manual_seed(args.seed)
     untrained = build(data["classes"]).eval()
-    stop = StopAtAccuracy(args.target_accuracy, *data["train"])
-    module = fit_classifier(
-        lambda: build(data["classes"]),
-        data,
-        epochs=args.max_epochs,
-        lr=args.lr,
-        seed=args.seed,
-        callbacks=[stop],
-    )
-    return [("untrained", untrained, "0"), ("trained", module.model.eval(), str(stop.epochs))]
+    model, epochs = fit_to_accuracy(lambda: build(data["classes"]), data, args)
+    return [("untrained", untrained, "0"), ("trained", model, str(epochs))]
 
 
 def make_table(args: argparse.Namespace) -> Table:
@@ -109,20 +100,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=3000)
     parser.add_argument("--patience", type=int, default=100)
-    parser.add_argument("--target-accuracy", type=float, default=0.85)
-    parser.add_argument("--max-epochs", type=int, default=40)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--grid", default=None, help="PNG path for the reconstructions")
+    add_victim_arguments(parser, max_epochs=40)
     args = parser.parse_args()
     for name in args.architectures:
         if name not in ARCHITECTURES:
             parser.error(f"--architectures: expected some of {list(ARCHITECTURES)}, got {name!r}")
     if args.quick:
         args.images, args.iterations, args.max_epochs = 2, 4, 1
-    torch.set_num_threads(1)
-    quiet_lightning()
-    warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
+    single_quiet_thread()
     data = photo_split(32, args.seed)
     x_val, y_val = (t[: args.images] for t in data["val"])
     attack = InvertingGradients(
