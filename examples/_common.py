@@ -122,11 +122,7 @@ def attack_images(
         x, y = images[index : index + 1], labels[index : index + 1]
         grads = parameter_gradients(model, x, y, loss_fn=F.cross_entropy)
         kept = {n: g for n, g in grads.items() if names is None or n in set(names)}
-        factor = (
-            float(1 / torch.sqrt(sum((g * g).sum() for g in kept.values())))
-            if scale is None
-            else scale
-        )
+        factor = unit_scale(kept) if scale is None else scale
         kept = {n: factor * g for n, g in kept.items()}
         rec = attack.reconstruct(
             model,
@@ -223,3 +219,30 @@ def fit_to_accuracy(build: Callable[[], nn.Module], data: dict[str, Any], args: 
         build, data, epochs=args.max_epochs, lr=args.lr, seed=args.seed, callbacks=[stop]
     )
     return module.model.eval(), stop.epochs
+
+
+def add_columns(table: Any, columns: Sequence[str], left: Sequence[str]) -> Any:
+    """``columns`` added to a rich table, those in ``left`` left-aligned, the rest right."""
+    for column in columns:
+        table.add_column(column, justify="left" if column in left else "right")
+    return table
+
+
+def plateau_attack(args: Any) -> Any:
+    """Inverting Gradients for ``args.iterations`` steps, each stage cut on an
+    ``args.patience``-step plateau, by double backward (cheaper on these small networks)."""
+    from lightning_privacy.attacks import InvertingGradients
+
+    return InvertingGradients(
+        max_iterations=args.iterations, patience=args.patience, method="double_backward"
+    )
+
+
+def print_and_save(table: Any, grid: Sequence[tuple[str, torch.Tensor]], args: Any) -> None:
+    """Print the table at a fixed width; write the grid where ``--grid`` says (if it does)."""
+    from rich.console import Console
+
+    Console(width=200).print(table)
+    if args.grid:
+        save_image_grid(grid, args.grid)
+        print(f"grid: {args.grid}")

@@ -39,19 +39,18 @@ from functools import partial
 import torch
 from _common import (
     accuracy,
+    add_columns,
     add_victim_arguments,
     attack_images,
     fit_to_accuracy,
     mean_of,
     photo_split,
-    save_image_grid,
+    plateau_attack,
+    print_and_save,
     single_quiet_thread,
 )
-from rich.console import Console
 from rich.table import Table
 from torch import nn
-
-from lightning_privacy.attacks import InvertingGradients
 
 #: change -> (what it does, the paper's PSNR change for that step, dB)
 VARIANTS = {
@@ -127,9 +126,7 @@ def make_table(args: argparse.Namespace) -> Table:
     reference = "previous step" if args.cumulative else "base"
     columns = ["variant", "change", "epochs", "train acc", "val acc", "PSNR (dB)", "SSIM"]
     columns += [f"Δ PSNR vs {reference}", "paper's Δ for the step", "steps", "s"]
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("variant", "change") else "right")
-    return table
+    return add_columns(table, columns, left=("variant", "change"))
 
 
 def main() -> None:
@@ -149,9 +146,7 @@ def main() -> None:
     single_quiet_thread()
     data = photo_split(32, args.seed)
     x_val, y_val = (t[: args.images] for t in data["val"])
-    attack = InvertingGradients(
-        max_iterations=args.iterations, patience=args.patience, method="double_backward"
-    )
+    attack = plateau_attack(args)
     table = make_table(args)
     grid = [("truth", x_val)]
     variants = args.variants or (
@@ -185,10 +180,7 @@ def main() -> None:
         previous = psnr
         grid.append((variant, reconstructions))
         print(f"# {variant}: PSNR {psnr:.2f} dB after {epochs} epochs", flush=True)
-    Console(width=200).print(table)
-    if args.grid:
-        save_image_grid(grid, args.grid)
-        print(f"grid: {args.grid}")
+    print_and_save(table, grid, args)
 
 
 if __name__ == "__main__":

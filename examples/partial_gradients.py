@@ -29,22 +29,23 @@ from functools import partial
 import torch
 from _common import (
     accuracy,
+    add_columns,
     add_victim_arguments,
     attack_images,
     fit_to_accuracy,
     mean_of,
     mean_std,
     photo_split,
-    save_image_grid,
+    plateau_attack,
+    print_and_save,
     single_quiet_thread,
 )
 from architecture_audit import closed_form_stem, trace_inverse
-from rich.console import Console
 from rich.table import Table
 from torch import nn
 from trained_victims import small_resnet, small_vit
 
-from lightning_privacy.attacks import DeepLeakage, InvertingGradients
+from lightning_privacy.attacks import DeepLeakage
 from lightning_privacy.functional.leakage import predicted_psnr
 from lightning_privacy.models.timm_models import layer_groups
 
@@ -71,9 +72,7 @@ def make_table(args: argparse.Namespace) -> Table:
     )
     columns = ["model", "group", "params", "I²F PSNR (dB)", "cosine PSNR (dB)", "cosine SSIM"]
     columns += ["L2 PSNR (dB)", "L2 SSIM", "s"]
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("model", "group") else "right")
-    return table
+    return add_columns(table, columns, left=("model", "group"))
 
 
 def main() -> None:
@@ -94,9 +93,7 @@ def main() -> None:
     single_quiet_thread()
     data = photo_split(args.image_size, args.seed)
     x_val, y_val = (t[: args.images] for t in data["val"])
-    cosine = InvertingGradients(
-        max_iterations=args.iterations, patience=args.patience, method="double_backward"
-    )
+    cosine = plateau_attack(args)
     l2 = DeepLeakage(max_iterations=args.dlg_iterations, restarts=1)
     table, grid = make_table(args), [("truth", x_val)]
     for name in args.models:
@@ -146,10 +143,7 @@ def main() -> None:
                 f"{seconds:.1f}",
             )
         table.add_section()
-    Console(width=200).print(table)
-    if args.grid:
-        save_image_grid(grid, args.grid)
-        print(f"grid: {args.grid}")
+    print_and_save(table, grid, args)
 
 
 if __name__ == "__main__":

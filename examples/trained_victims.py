@@ -24,22 +24,22 @@ from collections.abc import Callable
 import torch
 from _common import (
     accuracy,
+    add_columns,
     add_victim_arguments,
     attack_images,
     fit_to_accuracy,
     mean_of,
     photo_split,
-    save_image_grid,
+    plateau_attack,
+    print_and_save,
     single_quiet_thread,
 )
-from rich.console import Console
 from rich.table import Table
 from timm.models.convnext import ConvNeXt
 from timm.models.resnet import BasicBlock, ResNet
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from lightning_privacy.attacks import InvertingGradients
 from lightning_privacy.metrics import reconstruction_metrics
 
 
@@ -88,9 +88,7 @@ def make_table(args: argparse.Namespace) -> Table:
     )
     columns = ["architecture", "params", "state", "epochs", "train acc", "val acc", "gap"]
     columns += ["PSNR (dB)", "SSIM", "LPIPS", "steps", "s"]
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("architecture", "state") else "right")
-    return table
+    return add_columns(table, columns, left=("architecture", "state"))
 
 
 def main() -> None:
@@ -110,9 +108,7 @@ def main() -> None:
     single_quiet_thread()
     data = photo_split(32, args.seed)
     x_val, y_val = (t[: args.images] for t in data["val"])
-    attack = InvertingGradients(
-        max_iterations=args.iterations, patience=args.patience, method="double_backward"
-    )
+    attack = plateau_attack(args)
     table = make_table(args)
     grid = [("truth", x_val)]
     grey = [reconstruction_metrics(torch.full_like(x, 0.5)[None], x[None]) for x in x_val]
@@ -154,10 +150,7 @@ def main() -> None:
             grid.append((f"{name} {state}", reconstructions))
             print(f"# {name} {state}: PSNR {mean_of(scores, 'psnr')} dB", flush=True)
         table.add_section()
-    Console(width=200).print(table)
-    if args.grid:
-        save_image_grid(grid, args.grid)
-        print(f"grid: {args.grid}")
+    print_and_save(table, grid, args)
 
 
 if __name__ == "__main__":

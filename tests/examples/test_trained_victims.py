@@ -26,7 +26,8 @@ def test_training_stops_at_the_target_accuracy():
     sys.path.insert(0, str(REPO / "examples"))
     from _common import StopAtAccuracy, fit_classifier
 
-    x, y = torch.rand(40, 3, 8, 8), torch.arange(40) % 2
+    x = torch.rand(40, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(40) % 2
     data = {"train": (x, y), "classes": 2}
     for target, epochs in ((0.0, 1), (1.01, 3)):
         stop = StopAtAccuracy(target, x, y)
