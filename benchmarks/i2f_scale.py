@@ -23,9 +23,11 @@ Estimators (``lightning_privacy.leakage.estimate_leakage``):
   preconditioned by the first layers' Gram matrix; error and Spearman against exact (dense).
 * ``approximate``: ``estimator="approximate"`` (the same, stopped at ``tol=1e-1``).
 
-On the 3x64x64 input (12,288 values) exact (dense) runs on ``--dense-examples-64`` examples only
-(each is ``d_x`` = 12,288 columns); there exact (PCG) is the reference of the 10-example
-correlation and is itself checked against exact (dense) on that subset.
+Examples: 10 on the LeNet and ResNet-18 3x32x32 (exact (PCG) on 3 of them), 3 on the three
+heavy models (CIFAR ResNet-18, ViT-Tiny, ResNet-18 at 3x64x64), where exact (dense) runs on
+1 (its ``d_x`` columns take minutes there: 12,288 at 64x64) and the float64 reference does not
+run. Each row's reference is the exact estimator with the most examples (dense on a tie);
+every other row gives its ratio against it with ``n``, and against exact (dense) on the subset.
 
     python benchmarks/i2f_scale.py                   # the README table (2 threads, ~1 h)
     python benchmarks/i2f_scale.py --quick           # 2 examples, small models only
@@ -70,7 +72,8 @@ class Case:
     title: str
     build: Callable[[], nn.Module]
     shape: tuple[int, ...]
-    dense_examples: int | None = None  # None: every example
+    counts: dict[str, int] = field(default_factory=dict)  # examples per estimator
+    float64: bool = True  # whether the float64 dense reference runs
     times: dict[str, list[float]] = field(default_factory=dict)
     values: dict[str, list[float]] = field(default_factory=dict)
     reference: list[float] = field(default_factory=list)  # rel. error of f32 dense vs f64 dense
@@ -98,22 +101,36 @@ def lenet() -> nn.Module:
 
 
 def cases(args: argparse.Namespace) -> list[Case]:
+    """The five models; the three heavy ones on fewer examples (their dense path costs minutes)."""
+    main = {
+        "exact (dense)": args.examples,
+        "exact (PCG)": args.pcg_examples,
+        "approximate": args.examples,
+    }
+    heavy = {
+        "exact (dense)": args.heavy_dense_examples,
+        "exact (PCG)": args.heavy_examples,
+        "approximate": args.heavy_examples,
+    }
     out = [
-        Case("lenet", "DLG LeNet, 1x32x32", lenet, (1, 32, 32)),
+        Case("lenet", "DLG LeNet, 1x32x32", lenet, (1, 32, 32), main),
+        Case("resnet18", "torchvision ResNet-18, 3x32x32", torchvision_resnet18, (3, 32, 32), main),
         Case(
             "resnet18_cifar",
             "CIFAR ResNet-18 (resnet18_cifar), 3x32x32",
             resnet18_cifar,
             (3, 32, 32),
+            heavy,
+            float64=False,
         ),
-        Case("resnet18", "torchvision ResNet-18, 3x32x32", torchvision_resnet18, (3, 32, 32)),
-        Case("vit_tiny", "timm ViT-Tiny (patch 4), 3x32x32", vit_tiny, (3, 32, 32)),
+        Case("vit_tiny", "timm ViT-Tiny (patch 4), 3x32x32", vit_tiny, (3, 32, 32), heavy, False),
         Case(
             "resnet18_64",
             "torchvision ResNet-18, 3x64x64",
             torchvision_resnet18,
             (3, 64, 64),
-            dense_examples=args.dense_examples_64,
+            heavy,
+            float64=False,
         ),
     ]
     keep = args.models.split(",") if args.models else [c.key for c in out]
@@ -208,13 +225,12 @@ def _double(model: nn.Module) -> nn.Module:
 def measure(case: Case, args: argparse.Namespace, device: torch.device) -> None:
     model = case.build().to(device)
     case.step = training_step(model, case, device)
-    x, y = inputs(case, args.examples, device)
+    x, y = inputs(case, max(case.counts.values()), device)
     sigma = noise_std(model, x, y, args.rel_noise)
     case.notes.append(f"sigma = {sigma:.2e}")
     _warm_up(model, x, y, sigma, device)
     for name, kwargs in ESTIMATORS.items():
-        limit = case.dense_examples if name == "exact (dense)" else None
-        for i in range(len(x) if limit is None else min(limit, len(x))):
+        for i in range(min(case.counts[name], len(x))):
             value, seconds = timed_estimate(
                 model, x[i : i + 1], y[i : i + 1], sigma, 1000 + i, device, **kwargs
             )
@@ -223,7 +239,7 @@ def measure(case: Case, args: argparse.Namespace, device: torch.device) -> None:
             print(
                 f"  {case.key} {name} example {i}: I2F {value:.4g} in {seconds:.1f} s", flush=True
             )
-    for i in range(min(args.reference_examples, len(x)) if case.dense_examples is None else 0):
+    for i in range(min(args.reference_examples, len(x)) if case.float64 else 0):
         case.reference.append(float64_check(model, x[i : i + 1], y[i : i + 1], sigma))
     products = LeakageOperator(model, x[:1], y[:1]).batched_products()
     if products is not None:
@@ -242,43 +258,44 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(spearmanr(a[:n], b[:n]).statistic) if n > 2 else math.nan
 
 
-def rows(case: Case, args: argparse.Namespace) -> Iterator[list[str]]:
+def _reference(case: Case) -> str:
+    """The exact estimator with the most examples (dense on a tie): the rows' reference."""
+    return max(("exact (dense)", "exact (PCG)"), key=lambda n: len(case.values.get(n, [])))
+
+
+def _agreement(values: list[float], against: list[float], name: str) -> str:
+    n = min(len(values), len(against))
+    ratios = [v / a for v, a in zip(values[:n], against[:n], strict=True)]
+    return (
+        f"median ratio {statistics.median(ratios):.3f}, max |err| "
+        f"{max(abs(r - 1) for r in ratios):.1e} vs {name} (n={n})"
+    )
+
+
+def rows(case: Case) -> Iterator[list[str]]:
+    reference = _reference(case)
+    base = case.values.get(reference, [])
     dense = case.values.get("exact (dense)", [])
-    pcg = case.values.get("exact (PCG)", [])
-    reference = dense if case.dense_examples is None else pcg
     for name in ESTIMATORS:
         values, times = case.values.get(name, []), case.times.get(name, [])
         if not values:
             continue
         seconds = statistics.median(times)
-        if name == "exact (dense)":
-            error = (
-                f"{max(case.reference):.1e} vs float64 dense (n={len(case.reference)})"
-                if case.reference
-                else "reference (float64 not run)"
-            )
-            rho = "(reference)" if reference is dense else f"n={len(values)} (subset)"
+        if name == "exact (dense)" and case.reference:
+            error = f"{max(case.reference):.1e} vs float64 dense (n={len(case.reference)})"
+        elif name == "exact (dense)":
+            error = "float64 not run" if name == reference else _agreement(values, base, reference)
+        elif name == reference:
+            error = _agreement(values, dense, "exact (dense)")
         else:
-            n = min(len(values), len(dense))
-            ratios = [v / d for v, d in zip(values[:n], dense[:n], strict=True)]
-            against = "exact (dense)" + (f", n={n}" if n < len(values) else "")
-            if name == "exact (PCG)" or reference is dense:
-                error = (
-                    f"median ratio {statistics.median(ratios):.3f}, max "
-                    f"|err| {max(abs(r - 1) for r in ratios):.1e} vs {against}"
-                )
-            else:
-                mine = [v / r for v, r in zip(values, reference, strict=True)]
-                error = (
-                    f"median ratio {statistics.median(mine):.3f} vs exact (PCG); "
-                    f"max |err| {max(abs(r - 1) for r in ratios):.1e} vs {against}"
-                )
-            base = reference if reference is not values else dense
-            rho = (
-                "(reference)"
-                if base is values
-                else f"{spearman(values, base):.3f} (n={min(len(values), len(base))})"
-            )
+            error = _agreement(values, base, reference)
+            if reference != "exact (dense)" and dense:
+                error += "; " + _agreement(values, dense, "exact (dense)")
+        n = min(len(values), len(base))
+        if name == reference:
+            rho = "(reference)"
+        else:
+            rho = f"{spearman(values, base):.3f} (n={n})" if n > 2 else f"— (n={n})"
         yield [case.title, name, f"{seconds:.2f}", f"{seconds / case.step:.1f}", error, rho]
 
 
@@ -286,15 +303,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU is not needed)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--examples", type=int, default=10)
-    parser.add_argument("--dense-examples-64", type=int, default=2)
+    parser.add_argument("--examples", type=int, default=10, help="LeNet and ResNet-18 32x32")
+    parser.add_argument("--pcg-examples", type=int, default=3, help="exact (PCG) there")
+    parser.add_argument("--heavy-examples", type=int, default=3, help="the three heavy models")
+    parser.add_argument("--heavy-dense-examples", type=int, default=1)
     parser.add_argument("--reference-examples", type=int, default=1)
     parser.add_argument("--rel-noise", type=float, default=0.01)
     parser.add_argument("--models", default="", help="comma-separated subset of the model keys")
     parser.add_argument("--quick", action="store_true", help="2 examples, LeNet and ResNet-18")
     args = parser.parse_args()
     if args.quick:
-        args.examples, args.dense_examples_64, args.models = 3, 1, args.models or "lenet,resnet18"
+        args.examples, args.models = 3, args.models or "lenet,resnet18"
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -314,13 +333,13 @@ def main() -> None:
         "s per example",
         "÷ one training step (batch 64)",
         "error vs exact",
-        f"Spearman vs exact, {args.examples} examples",
+        "Spearman vs exact",
     ]
     print()
     print("| " + " | ".join(header) + " |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for case in measured:
-        for row in rows(case, args):
+        for row in rows(case):
             print("| " + " | ".join(row) + " |")
     print()
     for case in measured:

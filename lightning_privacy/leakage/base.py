@@ -368,8 +368,9 @@ class LeakageEstimator(ABC):
     def products(self, input_dim: int, context: EstimationContext) -> ProductCount:
         """The ``J Jᵀ``-sized products one example needs (for the cost estimate before training).
 
-        Dense path: the ``d_x`` columns plus one ``J δ`` per draw; ``"pcg"``: the preconditioner's
-        columns, :data:`PCG_ITERATIONS` batched iterations per draw and Lanczos; ``"cg"``:
+        Dense path: the ``d_x`` columns plus one ``J δ`` per draw; ``"pcg"``: the preconditioner,
+        :data:`PCG_ITERATIONS` batched iterations per draw with Lanczos's vector riding in the
+        same batches, and one ``J δ`` per draw; ``"cg"``:
         Lanczos and, per draw, at most ``min(d_x, 200)`` iterations.
 
         Example:
@@ -382,9 +383,8 @@ class LeakageEstimator(ABC):
         if method == "dense":
             return ProductCount(columns=input_dim, single=draws)
         if method == "pcg":
-            return ProductCount(
-                prefix=input_dim, solves=PCG_ITERATIONS * draws, single=LANCZOS_ITERATIONS + draws
-            )
+            solves = PCG_ITERATIONS * draws + LANCZOS_ITERATIONS  # Lanczos rides in the batches
+            return ProductCount(prefix=input_dim, solves=solves, single=draws)
         return ProductCount(single=LANCZOS_ITERATIONS + draws * (1 + min(input_dim, 200)))
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_privacy.functional.gradients import LossFn
-from lightning_privacy.functional.leakage import LeakageOperator
+from lightning_privacy.functional.leakage import LeakageOperator, chosen_stem
 from lightning_privacy.leakage.base import ESTIMATORS, EstimationContext, ProductCount
 
 __all__ = ["CostEstimate", "estimate_cost"]
@@ -102,8 +102,11 @@ def _rates(op: LeakageOperator, counts: ProductCount, draws: int) -> dict[str, f
         width = min(draws, op.input_dim)
         rates["solves"] = _timed(lambda: op.gram_matmul(eye[:width])) / width
     if counts.prefix and products is not None:
-        width = min(4 * products.chunk_size, op.input_dim)
-        rates["prefix"] = _timed(lambda: products.prefix_columns(eye[:width])) / width
+        if chosen_stem(products) is not None:  # "auto" takes the closed-form stem
+            rates["prefix"] = _timed(products.stem_factors) / op.input_dim
+        else:
+            width = min(4 * products.chunk_size, op.input_dim)
+            rates["prefix"] = _timed(lambda: products.prefix_columns(eye[:width])) / width
     return rates
 
 
