@@ -23,11 +23,12 @@ Estimators (``lightning_privacy.leakage.estimate_leakage``):
   preconditioned by the first layers' Gram matrix; error and Spearman against exact (dense).
 * ``approximate``: ``estimator="approximate"`` (the same, stopped at ``tol=1e-1``).
 
-Examples: 10 on the LeNet and ResNet-18 3x32x32 (exact (PCG) on 3 of them), 3 on the three
-heavy models (CIFAR ResNet-18, ViT-Tiny, ResNet-18 at 3x64x64), where exact (dense) runs on
-1 (its ``d_x`` columns take minutes there: 12,288 at 64x64) and the float64 reference does not
-run. Each row's reference is the exact estimator with the most examples (dense on a tie);
-every other row gives its ratio against it with ``n``, and against exact (dense) on the subset.
+Examples: 10 on the LeNet and ResNet-18 3x32x32 (exact (PCG) on 3 of them); on the three
+heavy models (CIFAR ResNet-18, ViT-Tiny, ResNet-18 at 3x64x64) the approximate estimator runs
+on 2 and exact (PCG) on 1, and neither exact (dense) nor the float64 reference runs (one dense
+example takes 6-10 minutes there, 12,288 columns at 64x64). Each row's reference is the exact
+estimator with the most examples (dense on a tie); every other row gives its ratio against it
+with ``n``, and against exact (dense) where that ran on fewer.
 
     python benchmarks/i2f_scale.py                   # the README table (2 threads, ~1 h)
     python benchmarks/i2f_scale.py --quick           # 2 examples, small models only
@@ -109,7 +110,7 @@ def cases(args: argparse.Namespace) -> list[Case]:
     }
     heavy = {
         "exact (dense)": args.heavy_dense_examples,
-        "exact (PCG)": args.heavy_examples,
+        "exact (PCG)": args.heavy_pcg_examples,
         "approximate": args.heavy_examples,
     }
     out = [
@@ -286,7 +287,7 @@ def rows(case: Case) -> Iterator[list[str]]:
         elif name == "exact (dense)":
             error = "float64 not run" if name == reference else _agreement(values, base, reference)
         elif name == reference:
-            error = _agreement(values, dense, "exact (dense)")
+            error = _agreement(values, dense, "exact (dense)") if dense else "(reference)"
         else:
             error = _agreement(values, base, reference)
             if reference != "exact (dense)" and dense:
@@ -305,8 +306,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--examples", type=int, default=10, help="LeNet and ResNet-18 32x32")
     parser.add_argument("--pcg-examples", type=int, default=3, help="exact (PCG) there")
-    parser.add_argument("--heavy-examples", type=int, default=3, help="the three heavy models")
-    parser.add_argument("--heavy-dense-examples", type=int, default=1)
+    parser.add_argument("--heavy-examples", type=int, default=2, help="the three heavy models")
+    parser.add_argument("--heavy-pcg-examples", type=int, default=1)
+    parser.add_argument("--heavy-dense-examples", type=int, default=0)
     parser.add_argument("--reference-examples", type=int, default=1)
     parser.add_argument("--rel-noise", type=float, default=0.01)
     parser.add_argument("--models", default="", help="comma-separated subset of the model keys")
@@ -327,6 +329,9 @@ def main() -> None:
             print(f"# {case.title}", flush=True)
             measure(case, args, device)
             measured.append(case)
+            for row in rows(case):  # as soon as measured: a run cut short keeps its rows
+                print("  row: | " + " | ".join(row) + " |", flush=True)
+            print(f"  training step {case.step:.3f} s", flush=True)
     header = [
         "model, input",
         "estimator",

@@ -522,11 +522,11 @@ def lanczos_lambda_max(
     Args:
         matvec: ``v -> A v`` on flat vectors of ``dim`` entries.
         dim: Operator size.
-        max_iterations: Maximum Lanczos steps (capped at ``dim``).
-        tol: Relative Ritz-residual tolerance for convergence.
-        generator: Generator of the random start vector.
-        dtype: Working precision of the Lanczos vectors.
-        device: Device of the vectors.
+        max_iterations: See :class:`LanczosIteration`, which runs the steps.
+        tol: See :class:`LanczosIteration`.
+        generator: See :class:`LanczosIteration`.
+        dtype: See :class:`LanczosIteration`.
+        device: See :class:`LanczosIteration`.
 
     Example:
         >>> a = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
@@ -1182,13 +1182,17 @@ Preconditioner = GramPreconditioner | StemPreconditioner
 
 @dataclass(frozen=True)
 class PreconditionedGramSolver(GramSolver):
-    """Matrix-free, preconditioned by the first layers' Gram matrix (:class:`GramPreconditioner`).
+    """Matrix-free, preconditioned by the first layers' Gram matrix ``M``.
 
-    Solves by batched preconditioned CG (every draw of δ in one product per iteration), the
-    Gaussian trace ``tr((J Jᵀ)⁻¹)`` as ``tr(M⁻¹)`` (exact) plus a Hutchinson estimate of
-    ``tr((J Jᵀ)⁻¹ - M⁻¹)`` (a control variate: the probes only see what ``M`` misses), ``λ_max`` by
-    Lanczos. Converged to ``tol=1e-6`` it is exact for every purpose here; with a loose ``tol`` it
-    is the ``"approximate"`` estimator (its norms then come out low by about ``tol`` or less).
+    ``M`` is the first layer's in closed form, solved through its factors
+    (:class:`~.leakage_stem.StemPreconditioner`), or the first layers' from column passes
+    (:class:`GramPreconditioner`); :meth:`build` chooses. Solves by batched preconditioned CG
+    (every draw of δ in one product per iteration), the Gaussian trace ``tr((J Jᵀ)⁻¹)`` as
+    ``tr(M⁻¹)`` (exact) plus a Hutchinson estimate of ``tr((J Jᵀ)⁻¹ - M⁻¹)`` (a control
+    variate: the probes only see what ``M`` misses), ``λ_max`` by Lanczos (riding in the CG
+    batches in :meth:`solve_with_lanczos`). Converged to ``tol=1e-6`` it is exact for every
+    purpose here; with a loose ``tol`` it is the ``"approximate"`` estimator (its norms then come
+    out low by about ``tol`` or less).
 
     Args:
         operator: The example's :class:`LeakageOperator`.

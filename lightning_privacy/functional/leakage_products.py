@@ -203,8 +203,12 @@ def _affine_norm_forward(module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> 
 
 @contextlib.contextmanager
 def _affine_norms(model: nn.Module) -> Iterator[None]:
-    """Every eval-mode batch norm of ``model`` computed by :func:`_affine_norm_forward`."""
-    swapped = [m for m in model.modules() if _kind(m) == "norm"]
+    """Every eval-mode batch norm of ``model`` computed by :func:`_affine_norm_forward`.
+
+    A module whose ``forward`` is already an instance attribute (set by its user, or by an
+    enclosing call of this manager) is left as it is.
+    """
+    swapped = [m for m in model.modules() if _kind(m) == "norm" and "forward" not in vars(m)]
     for module in swapped:
         module.forward = types.MethodType(_affine_norm_forward, module)
     try:
