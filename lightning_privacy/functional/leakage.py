@@ -1373,7 +1373,9 @@ def chosen_stem(products: GramProducts, preconditioner: str = "auto") -> StemGra
     check_choice("preconditioner", preconditioner, PRECONDITIONERS)
     if preconditioner == "prefix":
         return None
-    if preconditioner == "auto" and products.mode != "piecewise_linear":
+    if preconditioner == "auto" and not (
+        products.mode == "piecewise_linear" and products.stem_can_span()
+    ):
         return None
     stem = products.stem_factors()
     if stem is None or (preconditioner == "auto" and not stem.spans_input):

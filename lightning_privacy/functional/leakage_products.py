@@ -759,6 +759,30 @@ class GramProducts:
         same = h.numel() == self.input_dim and torch.equal(h.reshape(-1), self.x0.reshape(-1))
         return same and torch.equal(ht.reshape(-1), v.reshape(-1))
 
+    def stem_can_span(self) -> bool:
+        """:attr:`~.leakage_stem.StemGram.spans_input`'s size test, from the shapes alone.
+
+        Checked before the stem is built: its block has ``m²`` entries for the ``m`` values of a
+        channel, which a large image makes too big to form (``m`` = 50,176 at 224x224).
+
+        Example:
+            >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+            >>> GramProducts(model, torch.randn(1, 4), torch.tensor([0])).stem_can_span()
+            True
+        """
+        if not self.calls or not self.calls[0].weight:
+            return False
+        call = self.calls[0]
+        if call.kind == "linear":
+            values, outputs = math.prod(call.input_shape[:-1]), call.output_shape[-1]
+        elif call.kind == "conv" and call.geometry is not None:
+            b, _, h, w = call.input_shape
+            (kh, kw) = call.geometry[0]
+            values, outputs = b * h * w, call.output_shape[1] * kh * kw
+        else:
+            return False
+        return outputs >= values
+
     def stem_factors(self) -> StemGram | None:
         """The first layer's Gram matrix in closed form (:mod:`.leakage_stem`), or ``None``.
 

@@ -276,4 +276,5 @@ def test_auto_takes_the_stem_only_where_it_spans_the_input():
     model = resnet18_cifar().eval()
     big = GramProducts(model, torch.rand(1, 3, 32, 32), torch.tensor([1]))
     assert not big.stem_factors().spans_input  # 576 < 1,024: the prefix instead
+    assert not big.stem_can_span() and spanning.stem_can_span() and small.stem_can_span()
     assert chosen_stem(big) is None and chosen_stem(big, "stem") is not None
