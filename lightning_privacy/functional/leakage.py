@@ -63,7 +63,11 @@ from lightning_privacy.functional.leakage_products import (
     GramProducts,
     MeasurementTimeoutError,
 )
-from lightning_privacy.functional.leakage_stem import StemGram, StemPreconditioner
+from lightning_privacy.functional.leakage_stem import (
+    RidgedCholesky,
+    StemGram,
+    StemPreconditioner,
+)
 
 Delta = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 
@@ -1151,29 +1155,17 @@ class GramPreconditioner:
         gram = gram.to(torch.float64)
         n = gram.shape[0]
         top = float(torch.linalg.eigvalsh(gram)[-1]) if n <= 64 else float(gram.diagonal().sum())
-        top = top if top > 0 else 1.0
-        eye = torch.eye(n, dtype=torch.float64, device=gram.device)
-        for exponent in (-10, -8, -6, -4, -2, 0):
-            self.ridge = top * 10.0**exponent
-            factor, info = torch.linalg.cholesky_ex(gram + self.ridge * eye)
-            if int(info) == 0 and bool(torch.isfinite(factor).all()):
-                break
-        self.factor = factor
-        self.inverse = torch.cholesky_inverse(factor) if n <= explicit_limit else None
+        self._cholesky = RidgedCholesky(gram, top, explicit_limit=explicit_limit)
+        self.ridge, self.factor = self._cholesky.ridge, self._cholesky.factor
+        self.inverse = self._cholesky.inverse
 
     def solve(self, rows: Tensor) -> Tensor:
         """``M⁻¹ r`` for every row ``r``."""
-        rows = rows.to(torch.float64)
-        if self.inverse is not None:
-            return rows @ self.inverse
-        return torch.cholesky_solve(rows.T, self.factor).T
+        return self._cholesky.solve(rows)
 
     def trace_inverse(self) -> float:
         """``tr(M⁻¹)``, exactly."""
-        if self.inverse is not None:
-            return float(self.inverse.diagonal().sum())
-        eye = torch.eye(len(self.factor), dtype=torch.float64, device=self.factor.device)
-        return float((torch.linalg.solve_triangular(self.factor, eye, upper=False) ** 2).sum())
+        return self._cholesky.trace_inverse()
 
 
 #: What :class:`PreconditionedGramSolver` needs of ``M``: ``solve(rows)`` and ``trace_inverse()``.

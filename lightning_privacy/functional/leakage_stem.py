@@ -42,7 +42,7 @@ from torch import Tensor
 
 from lightning_privacy.functional.patches import patches, unpatch
 
-__all__ = ["StemGram", "StemPreconditioner", "stem_factors", "stem_gram"]
+__all__ = ["RidgedCholesky", "StemGram", "StemPreconditioner", "stem_factors", "stem_gram"]
 
 #: Scattered entries per ``index_add_`` (bounds the index tensors' memory).
 SCATTER_CHUNK = 2**22
@@ -165,6 +165,51 @@ class StemGram:
         return total
 
 
+class RidgedCholesky:
+    """``(A + ε I)⁻¹`` of a symmetric PSD ``A``, factorised once with the smallest ridge that works.
+
+    ``ε`` is the smallest of ``1e-10, 1e-8, ..., 1 x scale`` for which the Cholesky factorisation
+    succeeds. Up to ``explicit_limit`` rows the inverse is formed once: a triangular solve with a
+    few right-hand sides runs at memory speed (45 ms at 3,072 rows, against 8 ms for a product
+    with the inverse).
+
+    Args:
+        matrix: ``A`` (float64).
+        scale: The size ``ε`` is relative to (``λ_max`` or the trace of the whole matrix).
+        explicit_limit: Largest size for which ``(A + ε I)⁻¹`` is formed.
+
+    Example:
+        >>> chol = RidgedCholesky(torch.diag(torch.tensor([4.0, 1.0], dtype=torch.float64)), 4.0)
+        >>> chol.solve(torch.tensor([[4.0, 1.0]], dtype=torch.float64)).round(decimals=6)
+        tensor([[1., 1.]], dtype=torch.float64)
+    """
+
+    def __init__(self, matrix: Tensor, scale: float, *, explicit_limit: int = 4096) -> None:
+        scale = scale if scale > 0 else 1.0
+        eye = torch.eye(len(matrix), dtype=torch.float64, device=matrix.device)
+        for exponent in (-10, -8, -6, -4, -2, 0):
+            self.ridge = scale * 10.0**exponent
+            factor, info = torch.linalg.cholesky_ex(matrix + self.ridge * eye)
+            if int(info) == 0 and bool(torch.isfinite(factor).all()):
+                break
+        self.factor = factor
+        self.inverse = torch.cholesky_inverse(factor) if len(factor) <= explicit_limit else None
+
+    def solve(self, rows: Tensor) -> Tensor:
+        """``(A + ε I)⁻¹ r`` for every row ``r``."""
+        rows = rows.to(torch.float64)
+        if self.inverse is not None:
+            return rows @ self.inverse
+        return torch.cholesky_solve(rows.T, self.factor).T
+
+    def trace_inverse(self) -> float:
+        """``tr((A + ε I)⁻¹)``, exactly."""
+        if self.inverse is not None:
+            return float(self.inverse.diagonal().sum())
+        eye = torch.eye(len(self.factor), dtype=torch.float64, device=self.factor.device)
+        return float((torch.linalg.solve_triangular(self.factor, eye, upper=False) ** 2).sum())
+
+
 class StemPreconditioner:
     """``M = J_1 J_1ᵀ + ε I`` solved through its factors (Woodbury), never as a dense matrix.
 
@@ -191,16 +236,8 @@ class StemPreconditioner:
         self.channels = stem.channels.to(stem.block.device)
         small_matrix = stem.size <= 64  # the scale GramPreconditioner takes: λ_max, else trace
         top = float(torch.linalg.eigvalsh(stem.dense())[-1]) if small_matrix else stem.trace()
-        top = top if top > 0 else 1.0
-        eye = torch.eye(len(stem.block), dtype=torch.float64, device=stem.block.device)
-        for exponent in (-10, -8, -6, -4, -2, 0):
-            self.ridge = top * 10.0**exponent
-            factor, info = torch.linalg.cholesky_ex(stem.block + self.ridge * eye)
-            if int(info) == 0 and bool(torch.isfinite(factor).all()):
-                break
-        self.factor = factor
-        small = len(factor) <= explicit_limit
-        self.block_inverse = torch.cholesky_inverse(factor) if small else None
+        self.block = RidgedCholesky(stem.block, top, explicit_limit=explicit_limit)
+        self.ridge = self.block.ridge
         self.low, self.scaled_low, self.capacitance = stem.low, None, None
         if stem.low is not None and stem.inner is not None:
             eye_c = torch.eye(len(stem.inner), dtype=torch.float64, device=stem.low.device)
@@ -213,11 +250,7 @@ class StemPreconditioner:
     def _block_solve(self, rows: Tensor) -> Tensor:
         """``D⁻¹ r`` for every row: ``B⁻¹`` on each channel's values."""
         values = rows[:, self.channels]  # (r, C, m)
-        if self.block_inverse is not None:
-            solved = values @ self.block_inverse
-        else:
-            flat = values.reshape(-1, values.shape[-1]).T
-            solved = torch.cholesky_solve(flat, self.factor).T.reshape(values.shape)
+        solved = self.block.solve(values.reshape(-1, values.shape[-1])).reshape(values.shape)
         out = torch.empty_like(rows)
         out[:, self.channels] = solved
         return out
@@ -233,11 +266,7 @@ class StemPreconditioner:
 
     def trace_inverse(self) -> float:
         """``tr(M⁻¹) = C tr(B_ε⁻¹) - tr(S⁻¹ Z D⁻² Zᵀ)``."""
-        if self.block_inverse is not None:
-            block = float(self.block_inverse.trace())
-        else:
-            eye = torch.eye(len(self.factor), dtype=torch.float64, device=self.factor.device)
-            block = float((torch.linalg.solve_triangular(self.factor, eye, upper=False) ** 2).sum())
+        block = self.block.trace_inverse()
         total = len(self.channels) * block
         if self.capacitance is not None and self.scaled_low is not None:
             outer = self.scaled_low @ self.scaled_low.T
