@@ -68,6 +68,7 @@ from lightning_privacy.functional.leakage_stem import (
     StemGram,
     StemPreconditioner,
 )
+from lightning_privacy.functional.precision import full_precision
 
 Delta = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 
@@ -1104,7 +1105,7 @@ def preconditioned_conjugate_gradient(
     p, rz = z.clone(), (r * z).sum(1)
     scale = rz.clamp_min(1e-300)
     done = rz <= 0
-    iterations = torch.zeros(len(b), dtype=torch.long)
+    iterations = torch.zeros(len(b), dtype=torch.long, device=b.device)
     for _ in range(cap):
         active = torch.nonzero(~done).flatten()
         if len(active) == 0:
@@ -1544,6 +1545,7 @@ def i2f_from_operator(
     )
 
 
+@full_precision()
 def i2f(
     model: nn.Module,
     inputs: Tensor,

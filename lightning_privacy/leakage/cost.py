@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from lightning_privacy.functional.gradients import LossFn
 from lightning_privacy.functional.leakage import LeakageOperator, chosen_stem
+from lightning_privacy.functional.precision import full_precision
 from lightning_privacy.leakage.base import ESTIMATORS, EstimationContext, ProductCount
 
 __all__ = ["CostEstimate", "estimate_cost"]
@@ -110,6 +111,7 @@ def _rates(op: LeakageOperator, counts: ProductCount, draws: int) -> dict[str, f
     return rates
 
 
+@full_precision()
 def estimate_cost(
     model: nn.Module,
     inputs: Tensor,

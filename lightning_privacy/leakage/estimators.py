@@ -48,6 +48,7 @@ from lightning_privacy.functional.leakage import (
     PreconditionedGramSolver,
 )
 from lightning_privacy.functional.leakage_products import PREFIX_RATIO
+from lightning_privacy.functional.precision import full_precision
 from lightning_privacy.leakage.base import (
     ESTIMATORS,
     LANCZOS_ITERATIONS,
@@ -371,6 +372,7 @@ def _defended_indices(
     return tuple(observed.index(n) for n in acting if n in observed)
 
 
+@full_precision()
 def estimate_leakage(
     model: nn.Module,
     inputs: Tensor,

@@ -439,3 +439,42 @@ def test_approximate_errs_low_by_at_most_a_few_per_cent_of_exact(activation):
     }
     ratio = runs["approximate"] / runs["exact"]
     assert bool((ratio > 0.95).all()) and bool((ratio < 1.0 + 1e-4).all()), ratio
+
+
+class _PrecisionProbe(nn.Module):
+    """A small conv net that records the precision settings each forward pass runs under."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(1, 4, 3), nn.Linear(4 * 4 * 4, 2)
+        self.seen = set()
+
+    def forward(self, x):
+        self.seen.add(
+            (
+                torch.backends.cudnn.allow_tf32,
+                torch.get_float32_matmul_precision(),
+                torch.is_autocast_enabled("cpu"),
+            )
+        )
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("estimator", ["exact", "approximate"])
+def test_measurement_runs_in_full_precision_and_restores_the_user_s_settings(estimator):
+    torch.manual_seed(0)
+    model = _PrecisionProbe()
+    x, y = torch.rand(2, 1, 6, 6), torch.tensor([0, 1])
+    before = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")  # what a speed-minded training script sets
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # a hook called under AMP
+            est = estimate_leakage(model, x, y, transforms=[Scale(0.01)], estimator=estimator)
+        after = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    finally:
+        torch.backends.cudnn.allow_tf32 = before[0]
+        torch.set_float32_matmul_precision(before[1])
+    assert model.seen == {(False, "highest", False)}
+    assert after == (True, "high")
+    assert est.i2f > 0
