@@ -61,6 +61,7 @@ def reconstruction_metrics(
         true_inputs, true_labels = target[0], target[1] if len(target) > 1 else None
     else:
         true_inputs, true_labels = target, None
+    inputs, labels, true_inputs, true_labels = _on_cpu(inputs, labels, true_inputs, true_labels)
     if not inputs.is_floating_point():
         return token_metrics(inputs, true_inputs)
     scores: dict[str, float] = image_metrics(inputs, true_inputs, data_range=data_range)
@@ -69,6 +70,11 @@ def reconstruction_metrics(
         with contextlib.suppress(Exception):
             scores["lpips"] = lpips_distance(inputs, true_inputs, data_range=data_range)
     return scores
+
+
+def _on_cpu(*tensors: Tensor | None) -> tuple[Any, ...]:
+    """Detached CPU copies: an attack on a GPU model returns CUDA tensors, the truth may be CPU."""
+    return tuple(t if t is None else t.detach().cpu() for t in tensors)
 
 
 def _unpack(reconstruction: Any) -> tuple[Tensor, Tensor | None]:

@@ -61,9 +61,9 @@ def test_defense_on_one_gpu_under_mixed_precision(name, precision):
         if name == "clipping":
             norm = torch.linalg.vector_norm(torch.cat([d.flatten() for d in defended.values()]))
             assert norm.item() == pytest.approx(0.05, rel=1e-3)  # unscaled, then clipped
-        if name == "pruning":
+        if name == "pruning":  # per tensor, floor(ratio * n) entries zeroed (ties: more)
             for d in defended.values():
-                assert (d == 0).float().mean().item() >= 0.69
+                assert int((d == 0).sum()) >= int(0.7 * d.numel())
 
 
 def test_ddp_comm_hook_under_nccl_on_every_gpu(tmp_path):
@@ -103,7 +103,9 @@ def _fit_with(callbacks):
     torch.manual_seed(0)
     torch.cuda.manual_seed_all(0)
     module = BoringModel(lr=0.1)  # BatchNorm and dropout: both draw on or change CUDA state
-    trainer = L.Trainer(max_steps=3, callbacks=callbacks, **GPU)
+    # deterministic: cuDNN's default backward kernels sum in a varying order (atomics), so two
+    # identical runs differ in the last bits without it
+    trainer = L.Trainer(max_steps=3, callbacks=callbacks, deterministic=True, **GPU)
     trainer.fit(module, train_loader())
     return module, torch.cuda.get_rng_state(), trainer
 
@@ -143,3 +145,33 @@ def test_held_out_batch_is_moved_to_the_model_s_device():
     _fit_with([audit, Probe()])
     assert x.device.type == "cpu" and set(seen) == {"cuda"}
     assert F.mse_loss(audit.last.inputs.float(), x[:1]).isfinite()
+
+
+@pytest.mark.parametrize("estimator", ["exact", "approximate"])
+def test_i2f_on_cuda_matches_the_cpu_under_default_tf32(estimator):
+    """cuDNN's TF32 default would move ``J Jᵀ``'s small eigenvalues: the estimate turns it off."""
+    from lightning_privacy.leakage import estimate_leakage
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(  # convolutions: what cuDNN runs in TF32
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16 * 7 * 7, 10),
+    )
+    x, y = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([3])
+    torch.backends.cudnn.allow_tf32 = True  # PyTorch's default on CUDA
+    values = {}
+    for device in ("cpu", "cuda"):
+        values[device] = estimate_leakage(
+            model.to(device),
+            x.to(device),
+            y.to(device),
+            transforms=[GradientClipping(max_norm=1e-3)],  # deterministic: the same δ on both
+            estimator=estimator,
+        ).i2f
+    assert torch.backends.cudnn.allow_tf32  # the user's setting is back
+    assert values["cpu"] > 0
+    assert abs(values["cuda"] / values["cpu"] - 1) < 1e-2, values
