@@ -69,6 +69,7 @@ class ProductCount:
         solves: Products in batches of the δ draws or probes (conjugate-gradient iterations).
         single: Products one at a time (Lanczos on the operator, ``J δ``, plain CG).
         prefix: Columns of the first layers' Gram matrix (the preconditioner; cheaper).
+        solve_width: Rows per batched solve product (``0``: one per δ draw).
 
     Example:
         >>> ProductCount(columns=3072, single=4).total
@@ -79,6 +80,7 @@ class ProductCount:
     solves: int = 0
     single: int = 0
     prefix: int = 0
+    solve_width: int = 0
 
     @property
     def total(self) -> int:
@@ -376,7 +378,7 @@ class LeakageEstimator(ABC):
         Example:
             >>> from lightning_privacy.leakage import create_estimator
             >>> create_estimator("exact").products(64, EstimationContext(num_delta_samples=4))
-            ProductCount(columns=64, solves=0, single=4, prefix=0)
+            ProductCount(columns=64, solves=0, single=4, prefix=0, solve_width=0)
         """
         draws = context.num_delta_samples
         method = context.resolved_method(input_dim)

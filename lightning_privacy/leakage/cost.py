@@ -100,7 +100,7 @@ def _rates(op: LeakageOperator, counts: ProductCount, draws: int) -> dict[str, f
         width = min(width, 8) if products is None else width
         rates["columns"] = _timed(lambda: op.gram_matmul(eye[:width])) / width
     if counts.solves:
-        width = min(draws, op.input_dim)
+        width = min(counts.solve_width or draws, op.input_dim)
         rates["solves"] = _timed(lambda: op.gram_matmul(eye[:width])) / width
     if counts.prefix and products is not None:
         if chosen_stem(products) is not None:  # "auto" takes the closed-form stem
