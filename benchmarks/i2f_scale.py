@@ -25,10 +25,12 @@ Estimators (``lightning_privacy.leakage.estimate_leakage``):
 
 Examples: 10 on the LeNet and ResNet-18 3x32x32 (exact (PCG) on 3 of them); on the three
 heavy models (CIFAR ResNet-18, ViT-Tiny, ResNet-18 at 3x64x64) the approximate estimator runs
-on 2 and exact (PCG) on 1, and neither exact (dense) nor the float64 reference runs (one dense
-example takes 6-10 minutes there, 12,288 columns at 64x64). Each row's reference is the exact
-estimator with the most examples (dense on a tie); every other row gives its ratio against it
-with ``n``, and against exact (dense) where that ran on fewer.
+on 2 and exact on 1: by PCG, except on the ViT, where dense is the cheaper exact path (PCG
+needs some 800 iterations there); no float64 reference runs on them. Each row's reference is
+the exact estimator with the most examples (dense on a tie); every other row gives its ratio
+against it with ``n``, and against exact (dense) where that ran on fewer. Every estimate runs
+under the product's budget (``max_seconds``, ``--max-seconds``): a row whose first example did
+not finish within it says so.
 
     python benchmarks/i2f_scale.py                   # the README table (2 threads, ~1 h)
     python benchmarks/i2f_scale.py --quick           # 2 examples, small models only
@@ -55,6 +57,7 @@ from torch import nn
 from lightning_privacy.data import load_lfw_tensors, load_photo_patches
 from lightning_privacy.defenses import GaussianNoise
 from lightning_privacy.functional.leakage import LeakageOperator, i2f
+from lightning_privacy.functional.precision import full_precision
 from lightning_privacy.leakage import estimate_leakage
 from lightning_privacy.models import LeNetDLG, resnet18_cifar
 
@@ -79,6 +82,7 @@ class Case:
     values: dict[str, list[float]] = field(default_factory=dict)
     reference: list[float] = field(default_factory=list)  # rel. error of f32 dense vs f64 dense
     step: float = math.nan
+    timed_out: dict[str, float] = field(default_factory=dict)  # seconds spent, no result
     notes: list[str] = field(default_factory=list)
 
 
@@ -113,6 +117,8 @@ def cases(args: argparse.Namespace) -> list[Case]:
         "exact (PCG)": args.heavy_pcg_examples,
         "approximate": args.heavy_examples,
     }
+    # the ViT's exact estimate is cheapest dense (3,072 columns; PCG needs ~800 iterations)
+    vit = {**heavy, "exact (dense)": max(1, args.heavy_dense_examples), "exact (PCG)": 0}
     out = [
         Case("lenet", "DLG LeNet, 1x32x32", lenet, (1, 32, 32), main),
         Case("resnet18", "torchvision ResNet-18, 3x32x32", torchvision_resnet18, (3, 32, 32), main),
@@ -124,7 +130,7 @@ def cases(args: argparse.Namespace) -> list[Case]:
             heavy,
             float64=False,
         ),
-        Case("vit_tiny", "timm ViT-Tiny (patch 4), 3x32x32", vit_tiny, (3, 32, 32), heavy, False),
+        Case("vit_tiny", "timm ViT-Tiny (patch 4), 3x32x32", vit_tiny, (3, 32, 32), vit, False),
         Case(
             "resnet18_64",
             "torchvision ResNet-18, 3x64x64",
@@ -224,6 +230,7 @@ def _double(model: nn.Module) -> nn.Module:
 
 
 def measure(case: Case, args: argparse.Namespace, device: torch.device) -> None:
+    torch.manual_seed(0)  # the same untrained weights in every run
     model = case.build().to(device)
     case.step = training_step(model, case, device)
     x, y = inputs(case, max(case.counts.values()), device)
@@ -232,9 +239,21 @@ def measure(case: Case, args: argparse.Namespace, device: torch.device) -> None:
     _warm_up(model, x, y, sigma, device)
     for name, kwargs in ESTIMATORS.items():
         for i in range(min(case.counts[name], len(x))):
-            value, seconds = timed_estimate(
-                model, x[i : i + 1], y[i : i + 1], sigma, 1000 + i, device, **kwargs
-            )
+            try:
+                value, seconds = timed_estimate(
+                    model,
+                    x[i : i + 1],
+                    y[i : i + 1],
+                    sigma,
+                    1000 + i,
+                    device,
+                    max_seconds=args.max_seconds,
+                    **kwargs,
+                )
+            except TimeoutError:  # the product's budget: no example finished within it
+                case.timed_out[name] = args.max_seconds
+                print(f"  {case.key} {name} example {i}: over {args.max_seconds:.0f} s", flush=True)
+                break
             case.values.setdefault(name, []).append(value)
             case.times.setdefault(name, []).append(seconds)
             print(
@@ -242,7 +261,8 @@ def measure(case: Case, args: argparse.Namespace, device: torch.device) -> None:
             )
     for i in range(min(args.reference_examples, len(x)) if case.float64 else 0):
         case.reference.append(float64_check(model, x[i : i + 1], y[i : i + 1], sigma))
-    products = LeakageOperator(model, x[:1], y[:1]).batched_products()
+    with full_precision():  # as the estimators run (TF32 would fail the products' check)
+        products = LeakageOperator(model, x[:1], y[:1]).batched_products()
     if products is not None:
         case.notes.append(f"{products.mode} rules, {products.chunk_size} columns per pass")
 
@@ -279,6 +299,11 @@ def rows(case: Case) -> Iterator[list[str]]:
     dense = case.values.get("exact (dense)", [])
     for name in ESTIMATORS:
         values, times = case.values.get(name, []), case.times.get(name, [])
+        if not values and name in case.timed_out:
+            budget = case.timed_out[name]
+            over = [f"> {budget:.0f}", f"> {budget / case.step:.0f}"]
+            yield [case.title, name, *over, "stopped at max_seconds: no example finished", "—"]
+            continue
         if not values:
             continue
         seconds = statistics.median(times)
@@ -311,6 +336,12 @@ def main() -> None:
     parser.add_argument("--heavy-dense-examples", type=int, default=0)
     parser.add_argument("--reference-examples", type=int, default=1)
     parser.add_argument("--rel-noise", type=float, default=0.01)
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=900.0,
+        help="the estimator's budget per example (max_seconds); a row over it says so",
+    )
     parser.add_argument("--models", default="", help="comma-separated subset of the model keys")
     parser.add_argument("--quick", action="store_true", help="2 examples, LeNet and ResNet-18")
     args = parser.parse_args()
