@@ -74,7 +74,7 @@ class Sample:
         return float(i2f_from_operator(self.op, delta, factorization=self.fact).value[0])
 
     def approximate(self, delta):
-        """The ``"approximate"`` estimator's I2F of ``delta`` (early-stopped PCG, its defaults)."""
+        """The ``"approximate"`` estimator's I2F of ``delta`` (early-stopped block CG, defaults)."""
         if not hasattr(self, "_solver"):
             settings = ApproximateI2F()
             self._solver = PreconditionedGramSolver.build(
@@ -83,6 +83,7 @@ class Sample:
                 preconditioner=settings.preconditioner,
                 tol=settings.tol,
                 max_iterations=settings.max_iterations,
+                block_size=settings.block_size,
                 warn=False,
             )
         return float(self._solver.solve_norms(self.op.jdelta_rows(delta))[0])
