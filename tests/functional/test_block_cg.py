@@ -1,4 +1,4 @@
-"""Block conjugate gradients: the solve the ``"approximate"`` I2F runs, checked against direct solves."""
+"""Block conjugate gradients, the approximate I2F's solve, checked against direct solves."""
 
 import pytest
 import torch
