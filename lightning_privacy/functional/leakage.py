@@ -1312,6 +1312,9 @@ class PreconditionedGramSolver(GramSolver):
     warn: bool = True
     block_size: int = 0
 
+    def __post_init__(self) -> None:
+        check_int("block_size", self.block_size, low=0)
+
     @classmethod
     def build(
         cls,

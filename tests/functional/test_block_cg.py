@@ -80,3 +80,6 @@ def test_block_solver_is_the_independent_one_on_a_model():
 def test_block_size_is_checked():
     with pytest.raises(ValueError, match="block_size"):
         ApproximateI2F(block_size=-1)
+    op = LeakageOperator(nn.Linear(3, 2), torch.randn(1, 3), torch.tensor([1]))
+    with pytest.raises(ValueError, match="block_size"):
+        PreconditionedGramSolver.build(op, block_size=-2)
