@@ -319,3 +319,54 @@ def test_issue14_item10_a_nan_model_is_named_as_nan_not_as_a_detached_input():
     with pytest.raises(FloatingPointError, match="NaN or inf") as caught:
         LeakageOperator(net, x, torch.tensor([1]))
     assert "detached" not in str(caught.value)
+
+
+class _SquareNoForwardAD(torch.autograd.Function):
+    """``x²`` with a backward but no forward-mode rule (a user's custom op)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class _CustomOpNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(_SquareNoForwardAD.apply(self.a(x.flatten(1))))
+
+
+def test_j_delta_forward_mode_matches_the_reverse_product():
+    net = tiny_net()
+    x, y = torch.rand(1, 1, 8, 8, dtype=torch.float64), torch.tensor([1])
+    op = LeakageOperator(net, x, y)
+    deltas = torch.randn(3, op.param_dim, generator=torch.Generator().manual_seed(0)).double()
+    reverse = torch.stack([op._j(d)[0] for d in deltas])
+    assert op._j_along is not None
+    assert torch.allclose(op.jvp(deltas), reverse, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(op.jvp(deltas[0]), reverse[0], rtol=1e-10, atol=1e-12)
+
+
+def test_j_delta_falls_back_where_an_op_has_no_forward_mode_rule():
+    torch.manual_seed(0)
+    net = _CustomOpNet().double()
+    x, y = torch.rand(1, 6, dtype=torch.float64), torch.tensor([2])
+    op = LeakageOperator(net, x, y)
+    deltas = torch.randn(2, op.param_dim, generator=torch.Generator().manual_seed(1)).double()
+    jac = dense_jacobian(net, x, y)  # (d_x, d_θ)
+    out = op.jvp(deltas)
+    assert op._j_along is None  # the forward-mode path was tried and given up
+    assert torch.allclose(out.reshape(2, -1), deltas @ jac.T, rtol=1e-8, atol=1e-10)
