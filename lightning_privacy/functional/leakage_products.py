@@ -189,7 +189,13 @@ def _hooks(
 
 
 def _affine_norm_forward(module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
-    """``(x - μ) / s · weight + bias`` with the running statistics (an eval-mode batch norm)."""
+    """``(x - μ) / s · weight + bias`` with the running statistics (an eval-mode batch norm).
+
+    On feature maps it is a depthwise 1x1 convolution: under ``vmap(jvp(...))`` PyTorch runs a
+    broadcast multiply-add through its Python reference decompositions (30 calls, 1.25 ms for 9
+    tangents of a 64x8x8 map) and the convolution natively (0.47 ms); on torchvision ResNet-18
+    the batch norms had taken a fifth of every ``J Jᵀ`` product.
+    """
     assert module.running_mean is not None and module.running_var is not None
     scale = torch.rsqrt(module.running_var + module.eps)
     if module.weight is not None:
@@ -197,6 +203,10 @@ def _affine_norm_forward(module: nn.modules.batchnorm._BatchNorm, x: Tensor) -> 
     shift = -module.running_mean * scale
     if module.bias is not None:
         shift = shift + module.bias
+    if x.dim() in (3, 4):  # a per-channel 1x1 convolution: see the docstring
+        conv = F.conv2d if x.dim() == 4 else F.conv1d
+        kernel = scale.reshape(-1, *(1,) * (x.dim() - 1))
+        return conv(x, kernel, shift, groups=len(scale))
     shape = (1, -1) + (1,) * (x.dim() - 2)
     return x * scale.reshape(shape) + shift.reshape(shape)
 
