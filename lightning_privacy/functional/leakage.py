@@ -318,9 +318,10 @@ class LeakageOperator:
         """``J δ`` in input shape (``(k, *input_shape)`` for a ``(k, d_θ)`` batch).
 
         Reverse over forward mode: the gradient in ``x`` of the loss's derivative along δ, all
-        draws in one ``vmap``; 40 % faster than the reverse-over-reverse product through the
-        cached gradient graph on torchvision ResNet-18 (0.14 against 0.41 s for 4 draws), which
-        stays the path for a model with an operation that has no forward-mode rule.
+        draws in one ``vmap``: 0.14 s for 4 draws on torchvision ResNet-18, against about 0.3 s
+        for the reverse-over-reverse product through the cached gradient graph (one draw per
+        call there), which stays the path for a model with an operation that has no
+        forward-mode rule.
         """
         flat = self.flatten_delta(delta)
         rows = self._along_rows(flat)
@@ -1148,13 +1149,7 @@ def preconditioned_conjugate_gradient(
         (True, True)
     """
     damping = check_float("damping", damping, low=0.0)
-    b = rhs.to(torch.float64)
-    cap = (
-        4 * b.shape[1]
-        if max_iterations is None
-        else check_int("max_iterations", max_iterations, low=1)
-    )
-    apply = (lambda r: r) if precondition is None else (lambda r: precondition(r).to(torch.float64))
+    b, cap, apply = _cg_setup(rhs, precondition, max_iterations)
     x, r = torch.zeros_like(b), b.clone()
     z = apply(r)
     p, rz = z.clone(), (r * z).sum(1)
@@ -1229,21 +1224,17 @@ def block_conjugate_gradient(
         (True, (8,), (2,))
     """
     damping = check_float("damping", damping, low=0.0)
-    b = rhs.to(torch.float64)
+    b, cap, apply = _cg_setup(rhs, precondition, max_iterations)
     wanted = len(b)
-    cap = (
-        4 * b.shape[1]
-        if max_iterations is None
-        else check_int("max_iterations", max_iterations, low=1)
-    )
-    apply = (lambda r: r) if precondition is None else (lambda r: precondition(r).to(torch.float64))
     r = b if augment is None else torch.cat([b, augment.to(b)])
     x = torch.zeros_like(r)
     z = apply(r)
     scale = (r[:wanted] * z[:wanted]).sum(1).clamp_min(1e-300)
-    rel = ((r[:wanted] * z[:wanted]).sum(1).clamp_min(0) / scale).sqrt()
     p, iterations = _orthonormal_rows(z), 0
-    while iterations < cap and len(p) and not bool((rel <= tol).all()):
+    while True:
+        rel = ((r[:wanted] * z[:wanted]).sum(1).clamp_min(0) / scale).sqrt()
+        if iterations >= cap or not len(p) or bool((rel <= tol).all()):
+            break
         if deadline is not None and time.perf_counter() > deadline:
             raise MeasurementTimeoutError(f"block CG stopped after {iterations} iterations")
         q = matmul(p).to(torch.float64) + damping * p
@@ -1252,12 +1243,26 @@ def block_conjugate_gradient(
         alpha = torch.linalg.solve(pq, p @ r.T)
         x, r = x + alpha.T @ p, r - alpha.T @ q
         z = apply(r)
-        rel = ((r[:wanted] * z[:wanted]).sum(1).clamp_min(0) / scale).sqrt()
         p = _orthonormal_rows(z - torch.linalg.solve(pq, q @ z.T).T @ p)
         iterations += 1
     return BlockCGResult(
         x[:wanted], (iterations,) * wanted, bool((rel <= tol).all()), tuple(rel.tolist())
     )
+
+
+def _cg_setup(
+    rhs: Tensor, precondition: Callable[[Tensor], Tensor] | None, max_iterations: int | None
+) -> tuple[Tensor, int, Callable[[Tensor], Tensor]]:
+    """``(float64 right-hand sides, iteration cap (default 4 n), r -> M⁻¹ r in float64)``."""
+    b = rhs.to(torch.float64)
+    cap = (
+        4 * b.shape[1]
+        if max_iterations is None
+        else check_int("max_iterations", max_iterations, low=1)
+    )
+    if precondition is None:
+        return b, cap, lambda r: r
+    return b, cap, lambda r: precondition(r).to(torch.float64)
 
 
 def _orthonormal_rows(rows: Tensor, rcond: float = 1e-10) -> Tensor:

@@ -280,10 +280,10 @@ class ApproximateI2F(LeakageEstimator):
     Why a block: a batched ``J Jᵀ`` product of 9 rows costs 1.2 times one of 5 on torchvision
     ResNet-18 (59 against 50 ms here), and each iteration widens the shared space by every row,
     so the small eigenvalues that hold single solves back are found in fewer sequential passes:
-    ResNet-18 3x32x32 needs 21 iterations instead of 38 at ``tol=1e-1``; on timm ViT-Tiny, whose
-    ``J Jᵀ`` is far worse conditioned, independent solves stopped at ``tol=1e-1`` came out 11 %
-    low after 60 iterations, and the block of the 4 draws alone reaches 3 % in 30 on the dense
-    ``J Jᵀ``.
+    one ResNet-18 3x32x32 example needed 23 iterations instead of 31 at ``tol=1e-1`` (18 with a
+    block of 16); on timm ViT-Tiny, whose ``J Jᵀ`` is far worse conditioned, independent solves
+    stopped at ``tol=1e-1`` came out 11 % low after 60 iterations, and the default block 1.1 %
+    low (``benchmarks/i2f_scale.py``).
 
     For ReLU networks whose first layer reads the input (a CNN's stem, a ViT's patch
     embedding), ``"auto"`` takes that layer's Gram matrix in closed form
