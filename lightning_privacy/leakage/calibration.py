@@ -28,6 +28,7 @@ from lightning_privacy._validation import check_choice, check_float, check_int
 from lightning_privacy.defenses.base import GradientTransform
 from lightning_privacy.functional.gradients import LossFn
 from lightning_privacy.functional.leakage import LeakageOperator, predicted_psnr
+from lightning_privacy.functional.precision import full_precision
 from lightning_privacy.leakage.base import EstimationContext
 
 
@@ -142,6 +143,7 @@ def _bisect_std(
     return NoiseCalibration(hi, curve.reduce(final), final, steps)
 
 
+@full_precision()
 def calibrate_noise(
     model: nn.Module,
     batch: Any,
