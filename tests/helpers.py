@@ -239,6 +239,19 @@ def fit_ddp(
     return trainer, all_ranks_equal(flat_parameters(module))
 
 
+def end_ddp() -> None:
+    """Destroy the process group before the interpreter exits (the end of every DDP script).
+
+    Left to interpreter exit, gloo's threads were destroyed while still joinable: the
+    LeakageMonitor script aborted ("terminate called without an active exception", exit code
+    -6) in 3 of 16 runs, and in none of 10 with this call.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def flat_parameters(module: nn.Module) -> Tensor:
     """All parameters of ``module`` as one detached 1-D copy."""
     return torch.cat([p.detach().flatten().clone() for p in module.parameters()])

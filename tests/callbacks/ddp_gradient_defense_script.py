@@ -25,6 +25,7 @@ from helpers import (
     BoringModel,
     all_ranks_equal,
     ddp_trainer_kwargs,
+    end_ddp,
     fit,
     flat_parameters,
     loader,
@@ -217,3 +218,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    end_ddp()

@@ -16,7 +16,7 @@ import warnings
 import lightning as L
 import torch
 import torch.distributed as dist
-from helpers import BoringModel, fit_ddp, loader, random_tensors
+from helpers import BoringModel, end_ddp, fit_ddp, loader, random_tensors
 
 from lightning_privacy.attacks import InvertingGradients
 from lightning_privacy.callbacks import InversionAudit
@@ -57,3 +57,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    end_ddp()

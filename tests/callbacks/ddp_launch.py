@@ -22,28 +22,15 @@ def run_script(script: Path, *args: str, cwd: Path, timeout: float = 300) -> Non
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
     for key in ("MASTER_PORT", "MASTER_ADDR", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"):
         env.pop(key, None)
-    for _ in range(2):  # a second launch only when the rendezvous port was taken meanwhile
-        proc = subprocess.run(
-            [sys.executable, str(script), *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=cwd,
-            timeout=timeout,
-        )
-        if proc.returncode == 0 or not _port_taken(proc.stderr):
-            break
+    proc = subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-
-
-def _port_taken(stderr: str) -> bool:
-    """Whether a launch failed because another one took its free port before it bound it.
-
-    Lightning picks a free port, releases it and binds it again in the launched ranks; two DDP
-    tests started at once by two xdist workers can race for the same one.
-    """
-    text = stderr.lower()
-    return "address already in use" in text or "eaddrinuse" in text
 
 
 def run_ddp_script(script: Path, out: Path, *args: str, timeout: float = 300) -> Any:

@@ -16,7 +16,7 @@ import warnings
 import lightning as L
 import torch
 import torch.distributed as dist
-from helpers import SIGMOID_MLP, BoringModel, fit_ddp, loader, random_tensors
+from helpers import SIGMOID_MLP, BoringModel, end_ddp, fit_ddp, loader, random_tensors
 
 from lightning_privacy.callbacks import GradientDefense, LeakageMonitor
 from lightning_privacy.defenses import GaussianNoise
@@ -57,3 +57,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    end_ddp()

@@ -6,7 +6,7 @@ import sys
 
 import lightning as L
 import torch
-from helpers import BoringModel, all_ranks_equal, digits, flat_parameters, loader
+from helpers import BoringModel, all_ranks_equal, digits, end_ddp, flat_parameters, loader
 from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_privacy.callbacks import GradientDefense
@@ -51,3 +51,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    end_ddp()
